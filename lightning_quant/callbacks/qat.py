@@ -1,0 +1,259 @@
+"""Quantization-aware training as a Lightning callback: any LightningModule, no change to its code."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
+from typing_extensions import override
+
+from lightning_quant.callbacks.diagnostics import ActivationRecorder, log_metrics, log_plots, weight_metrics
+from lightning_quant.nn import QuantizationReport, quantize_model, quantized_layers, set_bn_frozen, summarize
+from lightning_quant.quantizers import ObserverQuantizer, Quantizer
+from lightning_quant.recipes import Recipe, RecipeError, load_recipe
+
+_CKPT_KEY = "lightning_quant"
+
+
+def _quantizers(model: torch.nn.Module) -> list[Quantizer]:
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+def _quantizer_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys that belong to quantizers (their parameters and buffers)."""
+    keys: set[str] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Quantizer):
+            keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
+    return keys
+
+
+class QuantizationAwareTraining(Callback):
+    """Fake-quantize a LightningModule's layers during training, as a recipe says.
+
+    The layers are swapped in ``setup()`` (before checkpoint restore and ``configure_optimizers``), so
+    learned step sizes reach the optimizer and ``ckpt_path=`` resumes exactly. Checkpoints keep the
+    float model's keys in ``state_dict`` (so ``YourModule.load_from_checkpoint`` works) and the quantizer
+    state under ``checkpoint["lightning_quant"]``, which this callback restores. Example::
+
+        trainer = L.Trainer(callbacks=[QuantizationAwareTraining("lsq_w4a4")])
+        trainer.fit(model, datamodule=dm)
+
+    Args:
+        recipe: shipped recipe name, path to a YAML recipe, or a dict/``DictConfig``.
+        overrides: ``"key.path=value"`` strings applied on top of the recipe.
+        weight_bits: shortcut for ``weights.bits=...``.
+        activation_bits: shortcut for ``activations.bits=...``.
+    """
+
+    def __init__(
+        self,
+        recipe: Union[str, dict, DictConfig, Recipe] = "lsq_w8a8",
+        overrides: Optional[list[str]] = None,
+        weight_bits: Optional[int] = None,
+        activation_bits: Optional[int] = None,
+    ) -> None:
+        extra = list(overrides or [])
+        if weight_bits is not None:
+            extra.append(f"weights.bits={weight_bits}")
+        if activation_bits is not None:
+            extra.append(f"activations.bits={activation_bits}")
+        try:
+            self.recipe = load_recipe(recipe, extra)
+        except RecipeError as err:
+            raise MisconfigurationException(str(err)) from err
+        if self.recipe.kind != "qat":
+            raise MisconfigurationException(
+                f"{self.recipe.source}: kind={self.recipe.kind!r} is not a QAT recipe; use the matching callback"
+            )
+        self.report: Optional[QuantizationReport] = None
+        self.quant_steps = 0  # training steps taken with quantization on
+        self._active = False
+        self._warned_uninitialized = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(recipe=self.recipe.name)
+
+    # -- model preparation -------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        already = bool(quantized_layers(pl_module))
+        self.report = quantize_model(pl_module, self.recipe.weights, self.recipe.activations, self.recipe.layers)
+        for msg in self.report.warnings:
+            rank_zero_warn(msg)
+        if not self.report.quantized:
+            raise MisconfigurationException(
+                f"{self.recipe.source}: no layer of {type(pl_module).__name__} matched layers.types="
+                f"{self.recipe.layers.types} / include={self.recipe.layers.include}; nothing would be quantized"
+            )
+        if self.recipe.diagnostics.summary and not already:
+            rank_zero_info(f"lightning-quant: recipe {self.recipe.name!r}\n{self.report.table()}")
+        # Quantizers stay off until the first training batch (fit) or the evaluation loop starts, so that
+        # sanity checks and example-input forwards (model summaries) do not initialise ranges from dummy data.
+        self._set_flags(pl_module, enabled=False, observing=False)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        example = getattr(pl_module, "example_input_array", None)
+        summary = summarize(pl_module, example)
+        if self.recipe.diagnostics.summary:
+            rank_zero_info(f"lightning-quant: bit-aware summary\n{summary.table()}")
+        log_metrics(trainer, summary.metrics())
+
+    # -- schedules ---------------------------------------------------------------------------------------
+    def _apply_schedule(self, trainer: pl.Trainer, training: bool) -> None:
+        sch = self.recipe.schedule
+        if training:
+            self._active = trainer.current_epoch >= sch.start_epoch and trainer.global_step >= sch.start_step
+        else:
+            self._active = True  # evaluation of a QAT model always quantizes
+        observing = self._active and (sch.observer_steps is None or self.quant_steps < sch.observer_steps)
+        model = trainer.lightning_module
+        self._set_flags(model, self._active, observing)
+        if sch.freeze_bn_epoch is not None and training:
+            set_bn_frozen(model, trainer.current_epoch >= sch.freeze_bn_epoch)
+
+    @staticmethod
+    def _set_flags(model: torch.nn.Module, enabled: bool, observing: bool) -> None:
+        for q in _quantizers(model):
+            q.fake_quant_enabled = enabled
+            q.observer_enabled = observing
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._apply_schedule(trainer, training=True)
+        self._uninitialized = any(not q._initialized for q in _quantizers(pl_module) if q.fake_quant_enabled)
+        every = self.recipe.diagnostics.every_n_steps
+        self._recorder = ActivationRecorder(pl_module) if every and trainer.global_step % every == 0 else None
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._active:
+            self.quant_steps += 1
+            if trainer.world_size > 1:
+                self._sync(pl_module)
+        if self._recorder is not None:
+            metrics = self._recorder.remove()
+            if self._active:
+                log_metrics(trainer, {**weight_metrics(pl_module), **metrics})
+            self._recorder = None
+
+    def _sync(self, model: torch.nn.Module) -> None:
+        """Make quantizer state identical across DDP ranks: observers while they observe, learned
+        quantizers on the step they were initialised from data (DDP keeps them in step afterwards)."""
+        for q in _quantizers(model):
+            if (isinstance(q, ObserverQuantizer) and q.observer_enabled) or self._uninitialized:
+                q.sync()
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            return  # validation inside fit follows the training schedule
+        self._apply_schedule(trainer, training=False)
+        if self._warned_uninitialized:
+            return
+        fresh = [name for name, layer in quantized_layers(pl_module)
+                 for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None and not q._initialized]
+        if fresh:
+            self._warned_uninitialized = True
+            rank_zero_warn(
+                f"lightning-quant: {len(fresh)} quantizers (e.g. in '{fresh[0]}') hold no trained state, so their "
+                "ranges will be set from the first evaluation batch. To evaluate a QAT checkpoint pass "
+                "ckpt_path=... to validate/test/predict so the learned scales are restored."
+            )
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._val_recorder = ActivationRecorder(pl_module) if batch_idx == 0 and dataloader_idx == 0 else None
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        recorder = getattr(self, "_val_recorder", None)
+        if recorder is None:
+            return
+        self._val_recorder = None
+        metrics = recorder.remove()
+        if trainer.sanity_checking or not self._active:
+            return
+        metrics = {**weight_metrics(pl_module), **metrics}
+        log_metrics(trainer, {k.replace("quant/", "quant_val/", 1): v for k, v in metrics.items()})
+        if self.recipe.diagnostics.plots:
+            log_plots(trainer, metrics, pl_module)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.recipe.fingerprint(), "recipe": self.recipe.to_yaml(), "quant_steps": self.quant_steps}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_fingerprint(state_dict.get("fingerprint"), state_dict.get("recipe", ""))
+        self.quant_steps = int(state_dict.get("quant_steps", 0))
+
+    def _check_fingerprint(self, fingerprint: Optional[str], recipe_yaml: str) -> None:
+        if fingerprint is not None and fingerprint != self.recipe.fingerprint():
+            raise MisconfigurationException(
+                f"lightning-quant: the checkpoint was made with a different recipe than {self.recipe.name!r} "
+                f"({self.recipe.source}); its weights/activations/layers settings differ. The checkpoint's "
+                f"recipe was:\n{recipe_yaml}"
+            )
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        keys = _quantizer_keys(pl_module)
+        checkpoint[_CKPT_KEY] = {
+            "fingerprint": self.recipe.fingerprint(),
+            "recipe": self.recipe.to_yaml(),
+            "quantizer_state": {k: state.pop(k) for k in list(state) if k in keys},
+        }
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_CKPT_KEY)
+        if saved is None:
+            return
+        self._check_fingerprint(saved.get("fingerprint"), saved.get("recipe", ""))
+        quant_state = saved["quantizer_state"]
+        expected = _quantizer_keys(pl_module)
+        missing = sorted(expected - set(quant_state))
+        if missing:
+            raise MisconfigurationException(f"lightning-quant: checkpoint lacks quantizer state for {missing[:5]}")
+        modules = dict(pl_module.named_modules(remove_duplicate=False))
+        for prefix, module in modules.items():
+            if isinstance(module, Quantizer):
+                own = {k[len(prefix) + 1:]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
+                module.load_state_dict(own, strict=True)

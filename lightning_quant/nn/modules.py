@@ -1,0 +1,201 @@
+"""Quantized layers. Each subclasses its float layer, so ``isinstance(m, nn.Conv2d)`` still holds.
+
+Conversion swaps the class of the existing module in place and attaches quantizers, so parameters,
+hooks, weight tying and modules shared between several parents all keep working, and the state dict
+keeps the float model's keys (plus the quantizers' own).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_quant.quantizers import Quantizer
+
+
+class QuantizedLayer(nn.Module):
+    """Mixin for quantized layers: fake-quantizes the weight and the input before the float computation."""
+
+    float_class: ClassVar[type[nn.Module]]
+    weight_axis: ClassVar[int] = 0  # output-channel axis of the weight
+    has_input: ClassVar[bool] = True
+    weight_quantizer: Optional[Quantizer]
+    input_quantizer: Optional[Quantizer]
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the quantized model sees it."""
+        w: torch.Tensor = self.weight  # type: ignore[assignment]
+        return self.weight_quantizer(w) if self.weight_quantizer is not None else w
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the quantized model sees it."""
+        return self.input_quantizer(x) if self.input_quantizer is not None else x
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and input."""
+
+    float_class = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class _QuantConvNd(QuantizedLayer):
+    folded_bn: Optional[nn.modules.batchnorm._BatchNorm] = None
+    bn_frozen: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = self.quantized_input(x)
+        if self.folded_bn is None:
+            return self._conv_forward(xq, self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
+        return self._folded_forward(xq)
+
+    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv + BatchNorm with the BN scale folded into the quantized weight (Jacob et al., 2018).
+
+        While BN is live (training, not frozen) the conv output is rescaled back and normalised with batch
+        statistics, which also updates the running ones; frozen or in eval, the folded bias is used.
+        """
+        bn = self.folded_bn
+        assert bn is not None and bn.running_var is not None and bn.running_mean is not None
+        weight: torch.Tensor = self.weight  # type: ignore[assignment]
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+        wshape = [1] * weight.dim()
+        wshape[0] = -1
+        folded = weight * factor.reshape(wshape)
+        wq = self.weight_quantizer(folded) if self.weight_quantizer is not None else folded
+        y = self._conv_forward(x, wq, None)  # type: ignore[attr-defined]
+        oshape = [1] * y.dim()
+        oshape[1] = -1
+        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        if self.training and not self.bn_frozen:
+            y = y / factor.reshape(oshape) + bias.reshape(oshape)
+            return F.batch_norm(
+                y, bn.running_mean, bn.running_var, gamma, beta, True, bn.momentum or 0.1, bn.eps
+            )
+        return y + (beta + (bias - bn.running_mean) * factor).reshape(oshape)
+
+
+class QuantConv1d(_QuantConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized weight and input (optionally with a folded BatchNorm)."""
+
+    float_class = nn.Conv1d
+
+
+class QuantConv2d(_QuantConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input (optionally with a folded BatchNorm)."""
+
+    float_class = nn.Conv2d
+
+
+class QuantConv3d(_QuantConvNd, nn.Conv3d):
+    """``nn.Conv3d`` with fake-quantized weight and input (optionally with a folded BatchNorm)."""
+
+    float_class = nn.Conv3d
+
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _QuantConvTransposeNd(QuantizedLayer):
+    weight_axis = 1
+
+    def forward(self, x: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        dims = len(self.kernel_size)  # type: ignore[attr-defined]
+        output_padding = self._output_padding(  # type: ignore[attr-defined]
+            x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation  # type: ignore[attr-defined]
+        )
+        return _CONV_TRANSPOSE[dims](
+            self.quantized_input(x),
+            self.quantized_weight(),
+            self.bias,
+            self.stride,  # type: ignore[attr-defined]
+            self.padding,  # type: ignore[attr-defined]
+            output_padding,
+            self.groups,  # type: ignore[attr-defined]
+            self.dilation,  # type: ignore[attr-defined]
+        )
+
+
+class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with fake-quantized weight and input."""
+
+    float_class = nn.ConvTranspose1d
+
+
+class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with fake-quantized weight and input."""
+
+    float_class = nn.ConvTranspose2d
+
+
+class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with fake-quantized weight and input."""
+
+    float_class = nn.ConvTranspose3d
+
+
+class QuantEmbedding(QuantizedLayer, nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table (its integer input is never quantized)."""
+
+    float_class = nn.Embedding
+    has_input = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+
+class FoldedBatchNorm(nn.Module):
+    """Marker class for a BatchNorm whose work moved into the preceding quantized conv: forward is identity.
+
+    Its parameters and buffers stay where they were, so the state dict keeps the float model's keys.
+    """
+
+    float_class: ClassVar[type[nn.Module]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FoldedBatchNorm1d(FoldedBatchNorm, nn.BatchNorm1d):
+    float_class = nn.BatchNorm1d
+
+
+class FoldedBatchNorm2d(FoldedBatchNorm, nn.BatchNorm2d):
+    float_class = nn.BatchNorm2d
+
+
+class FoldedBatchNorm3d(FoldedBatchNorm, nn.BatchNorm3d):
+    float_class = nn.BatchNorm3d
+
+
+QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedLayer]] = {
+    cls.float_class: cls
+    for cls in (
+        QuantLinear,
+        QuantConv1d,
+        QuantConv2d,
+        QuantConv3d,
+        QuantConvTranspose1d,
+        QuantConvTranspose2d,
+        QuantConvTranspose3d,
+        QuantEmbedding,
+    )
+}
+FOLDED_BN_CLASSES: dict[type[nn.Module], type[FoldedBatchNorm]] = {
+    cls.float_class: cls for cls in (FoldedBatchNorm1d, FoldedBatchNorm2d, FoldedBatchNorm3d)
+}
+TYPE_NAMES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in QUANTIZED_CLASSES}
+
+
+def swap_class(module: nn.Module, new_class: type[Any]) -> None:
+    """Change ``module``'s class in place (the object, its parameters and its hooks stay the same)."""
+    module.__class__ = new_class

@@ -1,0 +1,169 @@
+"""The quantizer base class, its configuration dataclass and the name -> class registry.
+
+A quantizer is an ``nn.Module`` that fake-quantizes one tensor (a layer's weight or its input). Its
+range state lives in buffers/parameters so that checkpoints carry it; whether it quantizes and whether it
+still learns its range from data are plain flags that the callbacks' schedules flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
+
+import torch
+
+from lightning_quant.quantizers.functional import Granularity, broadcast_shape, channel_view, int_range
+from lightning_quant.quantizers.state import OptionalStateModule
+
+Role = Literal["weight", "activation"]
+
+
+@dataclass
+class QuantizerConfig:
+    """How one tensor (weights or activations) is quantized; the ``weights``/``activations`` recipe sections.
+
+    Example: ``QuantizerConfig(method="lsq", bits=4, granularity="per_channel")``.
+    """
+
+    enabled: bool = True  # False: leave this tensor in float
+    method: str = "observer"  # registry name: observer, lsq, pact, dorefa, dsq
+    bits: int = 8  # code width, 1..8
+    signed: Optional[bool] = None  # None: weights signed, activations signed only if the first batch has negatives
+    symmetric: bool = True  # zero point fixed at 0 (observer method)
+    granularity: str = "per_tensor"  # per_tensor, per_channel (weights), per_group (weights)
+    axis: Optional[int] = None  # channel axis for per_channel; None: the layer's output-channel axis
+    group_size: int = 128  # group length for per_group
+    observer: str = "minmax"  # range estimator: minmax, ema, percentile, mse
+    momentum: float = 0.01  # EMA observer momentum
+    percentile: float = 99.99  # percentile observer
+    learn_offset: bool = False  # LSQ+: learn an offset as well as the step
+    clip_init: float = 8.0  # PACT: initial clipping level alpha
+    clip_decay: float = 1e-4  # PACT: L2 penalty on alpha, applied as a gradient term
+
+
+class Quantizer(OptionalStateModule):
+    """Base class for fake quantizers.
+
+    Subclasses implement ``initialize(x)`` (set the range from the first tensor seen) and ``quantize(x)``.
+    ``fake_quant_enabled`` switches quantization off (identity); ``observer_enabled`` lets range state
+    follow the data. A quantizer whose state is absent from a loaded state dict keeps its current state
+    (it is re-initialised from data or restored by the callback), so float checkpoints load into it.
+    """
+
+    roles: ClassVar[tuple[Role, ...]] = ("weight", "activation")
+    granularities: ClassVar[tuple[Granularity, ...]] = ("per_tensor", "per_channel", "per_group")
+
+    def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.role = role
+        self.bits = cfg.bits
+        self.granularity: Granularity = cfg.granularity  # type: ignore[assignment]
+        self.axis = cfg.axis if cfg.axis is not None else 0
+        self.group_size = cfg.group_size
+        self.num_groups = num_groups
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+        signed = cfg.signed if cfg.signed is not None else (True if role == "weight" else None)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("signed", torch.tensor(bool(signed)))
+        self._auto_sign = signed is None
+        self._initialized = False
+        self._refresh_range()
+
+    # -- integer range -------------------------------------------------------------------------------
+    def _refresh_range(self) -> None:
+        self._initialized = bool(self.initialized)
+        self.qmin, self.qmax = int_range(self.bits, bool(self.signed))
+
+    def set_signed(self, signed: bool) -> None:
+        """Fix the code's sign (used when ``signed`` was left to the data)."""
+        self.signed.fill_(signed)
+        self._refresh_range()
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled:
+            return x
+        if not self._initialized:
+            with torch.no_grad():
+                if self._auto_sign:
+                    self.set_signed(bool((x < 0).any()))
+                self.initialize(x)
+            self.initialized.fill_(True)
+            self._initialized = True
+        elif self.observer_enabled and self.training:
+            self.observe(x)
+        return self.quantize(x)
+
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set the range state from the first tensor seen."""
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Update range state from a later tensor while observing (learned quantizers do nothing)."""
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- introspection used by diagnostics and summaries ----------------------------------------------
+    def scale_values(self) -> torch.Tensor:
+        """Current step size(s), one per group, for logging."""
+        return torch.zeros(self.num_groups)
+
+    def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lowest and highest representable values, broadcastable per group, for clipping statistics."""
+        s = self.scale_values()
+        return s * self.qmin, s * self.qmax
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` viewed as ``(groups, N)`` for this quantizer's granularity."""
+        return channel_view(x, self.granularity, self.axis, self.group_size)
+
+    def per_group(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Reshape a per-group vector ``v`` to broadcast against ``x`` (per-group uses the rows view)."""
+        if self.granularity == "per_group":
+            return v.reshape(-1, 1)
+        return v.reshape(broadcast_shape(x, self.granularity, self.axis))
+
+    def apply_rows(self, x: torch.Tensor, fn: Any) -> torch.Tensor:
+        """Run ``fn`` on ``x`` in the layout where per-group vectors broadcast, and restore the shape."""
+        if self.granularity == "per_group":
+            return fn(self.rows(x)).reshape(x.shape)
+        return fn(x)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Make range state identical on all DDP ranks (average of float state by default)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for t in list(self.parameters(recurse=False)) + [b for b in self.buffers(recurse=False) if b.is_floating_point()]:
+            dist.all_reduce(t.data, op=dist.ReduceOp.SUM)
+            t.data.div_(dist.get_world_size())
+
+    def extra_repr(self) -> str:
+        return f"{self.role}, bits={self.bits}, signed={bool(self.signed)}, {self.granularity}"
+
+    def _after_load(self) -> None:
+        self._refresh_range()
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(name: str) -> Any:
+    """Class decorator: make a quantizer selectable by ``name`` in recipes."""
+
+    def wrap(cls: type[Quantizer]) -> type[Quantizer]:
+        QUANTIZERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_quantizer(cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> Quantizer:
+    """Instantiate the quantizer named by ``cfg.method`` for a weight or an activation."""
+    if cfg.method not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer method {cfg.method!r}; allowed: {sorted(QUANTIZERS)}")
+    return QUANTIZERS[cfg.method](cfg, role, num_groups)

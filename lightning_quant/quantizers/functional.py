@@ -1,0 +1,121 @@
+"""Tensor-level fake quantization: integer ranges, range-to-scale conversion and the fused fake-quant kernels.
+
+Everything here is plain torch, so it runs on CPU and CUDA alike and can be used without Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer bounds ``(qmin, qmax)`` of a ``bits``-wide code: ``[-2^(b-1), 2^(b-1)-1]`` or ``[0, 2^b-1]``."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the forward pass, identity gradient in the backward pass (straight-through)."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return ``x`` unchanged but multiply its gradient by ``scale`` (LSQ's step-size gradient scaling)."""
+    y = x * scale
+    return (x - y).detach() + y
+
+
+def channel_view(x: torch.Tensor, granularity: Granularity, axis: int = 0, group_size: int = 128) -> torch.Tensor:
+    """View ``x`` as ``(C, N)``: one row per quantization group (1 row per tensor, per channel or per group).
+
+    Per-group groups run along the flattened reduction dimensions of each channel (axis 0), as in
+    weight-only LLM quantization; the reduction size must be a multiple of ``group_size``.
+    """
+    if granularity == "per_tensor":
+        return x.reshape(1, -1)
+    if granularity == "per_channel":
+        return x.transpose(0, axis).reshape(x.shape[axis], -1)
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[1] % group_size:
+        raise ValueError(f"per-group quantization needs {flat.shape[1]} to be a multiple of group_size={group_size}")
+    return flat.reshape(-1, group_size)
+
+
+def num_groups(shape: torch.Size | tuple[int, ...], granularity: Granularity, axis: int = 0, group_size: int = 128) -> int:
+    """Number of scales a tensor of ``shape`` needs at this granularity."""
+    if granularity == "per_tensor":
+        return 1
+    if granularity == "per_channel":
+        return int(shape[axis])
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if (numel // int(shape[0])) % group_size:
+        raise ValueError(
+            f"per-group quantization needs {numel // int(shape[0])} to be a multiple of group_size={group_size}"
+        )
+    return numel // group_size
+
+
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) that map ``[min_val, max_val]`` onto ``[qmin, qmax]``.
+
+    The range is widened to contain zero so that zero is exactly representable (padding, ReLU outputs).
+    Symmetric signed codes get a zero point of 0; symmetric unsigned codes (``qmin == 0``) cover ``[0, max]``.
+    """
+    min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+    max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    eps = torch.finfo(torch.float32).eps
+    if symmetric:
+        if qmin < 0:
+            bound = torch.maximum(-min_val, max_val)
+            scale = bound / ((qmax - qmin) / 2)
+        else:
+            scale = max_val / qmax
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        return scale.clamp_min(eps), zero_point
+    scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(eps)
+    zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    granularity: Granularity = "per_tensor",
+    axis: int = 0,
+    group_size: int = 128,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with fixed ``scale``/``zero_point`` using torch's fused kernels (STE gradient).
+
+    ``scale`` has one entry per group as given by :func:`num_groups`. Per-group quantization runs the
+    per-channel kernel on a ``(groups, group_size)`` view, so no hand-written autograd is needed.
+    """
+    if granularity == "per_tensor":
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
+    if granularity == "per_channel":
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+    view = channel_view(x, "per_group", group_size=group_size)
+    out = torch.fake_quantize_per_channel_affine(view, scale, zero_point, 0, qmin, qmax)
+    return out.reshape(x.shape)
+
+
+def broadcast_shape(x: torch.Tensor, granularity: Granularity, axis: int = 0) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against ``x`` along ``axis`` (``(1,)`` per tensor)."""
+    if granularity == "per_tensor":
+        return (1,)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return tuple(shape)

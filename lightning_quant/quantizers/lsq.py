@@ -1,0 +1,62 @@
+"""LSQ and LSQ+: a learned step size (and optionally a learned offset) trained with the task loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
+from lightning_quant.quantizers.functional import grad_scale, round_ste
+
+
+@register_quantizer("lsq")
+class LSQQuantizer(Quantizer):
+    """Learned Step Size Quantization (Esser et al., 2020): ``v̂ = s·round(clip(v/s, qmin, qmax))``.
+
+    The step ``s`` is a parameter whose gradient is scaled by ``1/sqrt(N·Qp)`` (N elements per step: per
+    group for weights, per sample for activations) and initialised to ``2·mean|v|/sqrt(Qp)``. With
+    ``learn_offset`` (LSQ+) an offset ``β`` is learned too and both start from the first batch's min/max.
+    Example::
+
+        q = LSQQuantizer(QuantizerConfig(method="lsq", bits=4), role="weight", num_groups=64)
+    """
+
+    def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
+        super().__init__(cfg, role, num_groups)
+        self.scale = nn.Parameter(torch.ones(num_groups))
+        self.offset = nn.Parameter(torch.zeros(num_groups)) if cfg.learn_offset else None
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        rows = self.rows(x.detach()).float()
+        if self.offset is not None:
+            lo, hi = torch.aminmax(rows, dim=1)
+            step = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-8)
+            self.scale.copy_(step)
+            self.offset.copy_(lo - self.qmin * step)
+            return
+        init = 2 * rows.abs().mean(dim=1) / math.sqrt(max(self.qmax, 1))
+        self.scale.copy_(init.clamp_min(1e-8))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        per_step = x.numel() // self.num_groups if self.role == "weight" else x[0].numel()
+        g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))
+
+        def fq(v: torch.Tensor) -> torch.Tensor:
+            s = self.per_group(grad_scale(self.scale, g), v)
+            if self.offset is None:
+                return round_ste(torch.clamp(v / s, self.qmin, self.qmax)) * s
+            b = self.per_group(grad_scale(self.offset, g), v)
+            return round_ste(torch.clamp((v - b) / s, self.qmin, self.qmax)) * s + b
+
+        return self.apply_rows(x, fq)
+
+    def scale_values(self) -> torch.Tensor:
+        return self.scale.detach().abs()
+
+    def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scale_values()
+        b = self.offset.detach() if self.offset is not None else torch.zeros_like(s)
+        return s * self.qmin + b, s * self.qmax + b
