@@ -1,0 +1,3 @@
+from lightning_quant.cli import main
+
+main()

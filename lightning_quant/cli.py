@@ -1,0 +1,190 @@
+"""The ``lightning-quant`` command: run a recipe end to end and print a result table.
+
+``lightning-quant fit --recipe lsq_w4a4`` trains (or loads from the cache) a float baseline on the
+embedded default (scikit-learn digits and a small CNN), fine-tunes it under the recipe, tests both and
+prints float vs quantized accuracy, size and wall time. ``lightning-quant recipes`` lists the recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+from lightning_quant.callbacks import QuantizationAwareTraining
+from lightning_quant.examples import DigitsDataModule, ImageClassifier
+from lightning_quant.nn import summarize
+from lightning_quant.nn.surgery import format_table
+from lightning_quant.recipes import Recipe, RecipeError, describe_recipes, load_recipe
+
+_LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+def _import(path: str, what: str) -> Any:
+    """Import ``package.module:Name`` (or ``package.module.Name``)."""
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SystemExit(f"error: --{what} {path!r} could not be imported ({err}); use the form 'mypkg.module:ClassName'")
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("LIGHTNING_QUANT_CACHE", Path.home() / ".cache" / "lightning_quant"))
+
+
+def _make_logger(kind: str, save_dir: Path, name: str) -> Logger:
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir, name=name)
+    if kind == "wandb":
+        return WandbLogger(name=name, save_dir=str(save_dir), project="lightning-quant", offline=os.environ.get("WANDB_MODE") == "offline")
+    return CSVLogger(save_dir, name=name)
+
+
+def _accuracy(results: list[dict[str, float]]) -> Optional[float]:
+    for key, value in (results[0] if results else {}).items():
+        if "acc" in key:
+            return float(value)
+    return None
+
+
+def _trainer(epochs: int, logger: Any, callbacks: list[Any], root: Path) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(root),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+        accelerator="auto",
+        devices=1,
+    )
+
+
+def run_fit(args: argparse.Namespace) -> dict[str, Any]:
+    """The main job; returns the numbers it prints."""
+    overrides = list(args.set or [])
+    if args.epochs is not None:
+        overrides.append(f"training.epochs={args.epochs}")
+    try:
+        recipe: Recipe = load_recipe(args.recipe, overrides)
+    except RecipeError as err:
+        raise SystemExit(f"error: {err}") from err
+    pl.seed_everything(args.seed, workers=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tr = recipe.training
+    datamodule = _import(args.data, "data")() if args.data else DigitsDataModule(batch_size=tr.batch_size)
+    user_model = args.model is not None
+    model: pl.LightningModule = _import(args.model, "model")() if user_model else ImageClassifier(
+        optimizer="adam", lr=0.01, epochs=args.float_epochs
+    )
+    out_dir = Path(args.output_dir)
+
+    # 1. float baseline, cached by model class, seed and epochs
+    cache = Path(args.cache_dir) / f"{type(model).__module__}.{type(model).__qualname__}-seed{args.seed}-e{args.float_epochs}.pt"
+    start = time.perf_counter()
+    if cache.is_file() and not args.retrain:
+        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        float_time = "cached"
+        print(f"float baseline loaded from {cache}")
+    else:
+        _trainer(args.float_epochs, False, [], out_dir).fit(model, datamodule=datamodule)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(cache)  # atomic: a crash never leaves a half-written baseline
+        float_time = f"{time.perf_counter() - start:.1f} s"
+    float_acc = _accuracy(_trainer(1, False, [], out_dir).test(model, datamodule=datamodule, verbose=False))
+    float_summary = summarize(copy.deepcopy(model))
+
+    # 2. quantization-aware fine-tuning under the recipe
+    if not user_model:
+        model.hparams.update(
+            optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
+        )
+    logger = _make_logger(args.logger, out_dir, recipe.name)
+    callback = QuantizationAwareTraining(recipe)
+    start = time.perf_counter()
+    trainer = _trainer(tr.epochs, logger, [callback], out_dir)
+    trainer.fit(model, datamodule=datamodule)
+    qat_time = time.perf_counter() - start
+    quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))
+    quant_summary = summarize(model)
+    result = {
+        "recipe": recipe.name,
+        "float_acc": float_acc,
+        "quant_acc": quant_acc,
+        "float_mb": float_summary.size_mb,
+        "quant_mb": quant_summary.size_mb,
+        "compression": float_summary.memory_bits / max(quant_summary.memory_bits, 1),
+        "float_time": float_time,
+        "qat_time": f"{qat_time:.1f} s",
+        "log_dir": getattr(logger, "log_dir", None) or str(out_dir),
+    }
+    _print_result(result, recipe)
+    return result
+
+
+def _fmt_acc(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def _print_result(r: dict[str, Any], recipe: Recipe) -> None:
+    head = ("", "float", f"quantized ({r['recipe']})")
+    rows = [
+        ("test accuracy", _fmt_acc(r["float_acc"]), _fmt_acc(r["quant_acc"])),
+        ("model size", f"{r['float_mb'] * 1e3:.1f} KB", f"{r['quant_mb'] * 1e3:.1f} KB"),
+        ("compression", "1.00x", f"{r['compression']:.2f}x"),
+        ("bits (W/A)", "32/32", f"{recipe.weights.bits}/{recipe.activations.bits}"),
+        ("wall time", r["float_time"], r["qat_time"]),
+    ]
+    print("\n" + format_table(head, rows))
+    print(f"\nlogs: {r['log_dir']}")
+
+
+def _print_recipes(args: argparse.Namespace) -> None:
+    rows = [(name, desc) for name, desc in describe_recipes().items()]
+    print(format_table(("recipe", "description"), rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of the ``lightning-quant`` command."""
+    parser = argparse.ArgumentParser(prog="lightning-quant", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train float, fine-tune under a recipe, test both, print a table",
+                         description="Run a recipe end to end. Without --model/--data: digits and a small CNN.")
+    fit.add_argument("--recipe", default="lsq_w4a4", help="shipped recipe name or path to a YAML recipe")
+    fit.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. weights.bits=3")
+    fit.add_argument("--model", help="LightningModule class as 'pkg.module:Class' (built with no arguments)")
+    fit.add_argument("--data", help="LightningDataModule class as 'pkg.module:Class' (built with no arguments)")
+    fit.add_argument("--logger", choices=_LOGGERS, default="csv", help="experiment logger (wandb honours WANDB_MODE)")
+    fit.add_argument("--epochs", type=int, help="quantized fine-tuning epochs (default: the recipe's)")
+    fit.add_argument("--float-epochs", type=int, default=20, help="epochs of the float baseline")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--cache-dir", default=str(_default_cache()), help="where float baselines are cached")
+    fit.add_argument("--retrain", action="store_true", help="ignore a cached float baseline")
+    fit.add_argument("--output-dir", default="lightning_logs", help="logs go here")
+    fit.set_defaults(func=run_fit)
+    rec = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+    rec.set_defaults(func=_print_recipes)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
