@@ -150,11 +150,26 @@ class QuantizationAwareTraining(Callback):
             self._recorder = None
 
     def _sync(self, model: torch.nn.Module) -> None:
-        """Make quantizer state identical across DDP ranks: observers while they observe, learned
-        quantizers on the step they were initialised from data (DDP keeps them in step afterwards)."""
-        for q in _quantizers(model):
+        """Make quantizer state bitwise identical across DDP ranks.
+
+        Observers are merged first (global min/max, averaged estimates) while they observe, and learned
+        quantizers are averaged on the step they were initialised from each rank's data. Then all float
+        quantizer state is broadcast from rank 0 as one flat tensor (a single collective), because
+        per-rank floating-point rounding would otherwise let learned steps drift apart by an ulp.
+        """
+        quantizers = _quantizers(model)
+        for q in quantizers:
             if (isinstance(q, ObserverQuantizer) and q.observer_enabled) or self._uninitialized:
                 q.sync()
+        tensors = [t for q in quantizers for t in (*q.parameters(), *q.buffers()) if t.is_floating_point()]
+        if tensors:
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+            torch.distributed.broadcast(flat, src=0)
+            with torch.no_grad():
+                offset = 0
+                for t in tensors:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     # -- evaluation --------------------------------------------------------------------------------------
     def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

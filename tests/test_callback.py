@@ -1,0 +1,252 @@
+import csv
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelPruning
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_quant import QuantizationAwareTraining
+from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
+from lightning_quant.nn import quantized_layers
+from lightning_quant.quantizers import Quantizer
+from wandb_records import history_keys
+
+
+def trainer(tmp_path, epochs=2, callbacks=(), **kw):
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        max_epochs=epochs, callbacks=list(callbacks), default_root_dir=tmp_path, enable_progress_bar=False,
+        enable_model_summary=False, deterministic=True, **kw,
+    )
+
+
+def quantizer_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "quantizer" in k}
+
+
+def qat(recipe="lsq_w4a4", overrides=None, **kw):
+    return QuantizationAwareTraining(recipe, overrides=["diagnostics.summary=false", *(overrides or [])], **kw)
+
+
+def test_fit_on_digits_quantizes_and_trains_scales(tmp_path):
+    pl.seed_everything(0)
+    model = ImageClassifier(DigitsCNN(width=16), optimizer="sgd", lr=0.05, epochs=3)
+    t = trainer(tmp_path, 3, [qat()])
+    t.fit(model, datamodule=DigitsDataModule())
+    layers = dict(quantized_layers(model))
+    assert set(layers) == {"net.features.0", "net.features.3", "net.features.7", "net.classifier"}
+    scale = layers["net.features.3"].weight_quantizer.scale
+    optimizer_params = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert id(scale) in optimizer_params  # learned step sizes reach the user's optimizer
+    assert layers["net.features.3"].weight_quantizer.bits == 4
+    assert t.callback_metrics["val_acc"] > 0.75  # real learning under 4-bit quantization (chance is 0.10)
+
+
+def _resume_setup(tmp_path):
+    dm = DigitsDataModule(shuffle=False)
+    pl.seed_everything(0)
+    full = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=4)
+    init = {k: v.clone() for k, v in full.state_dict().items()}
+    return dm, full, init
+
+
+def test_resume_from_mid_run_checkpoint_is_exact(tmp_path):
+    dm, full, init = _resume_setup(tmp_path)
+    t_full = trainer(tmp_path / "a", 4, [qat()], limit_train_batches=5)
+    t_full.fit(full, datamodule=dm)
+
+    first = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=4)
+    first.load_state_dict(init)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer(tmp_path / "b", 2, [qat(), ckpt], limit_train_batches=5, enable_checkpointing=True).fit(first, datamodule=dm)
+
+    resumed = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=4)
+    callback = qat()
+    t_resumed = trainer(tmp_path / "c", 4, [callback], limit_train_batches=5)
+    t_resumed.fit(resumed, datamodule=dm, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert callback.quant_steps == 20
+    a, b = quantizer_state(full), quantizer_state(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    assert torch.allclose(t_full.callback_metrics["val_acc"], t_resumed.callback_metrics["val_acc"])
+    assert torch.allclose(t_full.callback_metrics["val_loss"], t_resumed.callback_metrics["val_loss"], atol=1e-5)
+
+
+def test_checkpoint_loads_into_plain_class_and_evaluates(tmp_path):
+    pl.seed_everything(0)
+    dm = DigitsDataModule()
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=2)
+    t = trainer(tmp_path, 2, [qat()], limit_train_batches=8)
+    t.fit(model, datamodule=dm)
+    path = tmp_path / "qat.ckpt"
+    t.save_checkpoint(path)
+    expected = t.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
+    trained = quantizer_state(model)
+
+    # the plain LightningModule class loads the checkpoint strictly (float keys only in state_dict)
+    plain = ImageClassifier.load_from_checkpoint(path, net=DigitsCNN(width=8))
+    assert not quantized_layers(plain)
+    # ... and a Trainer with the callback restores the learned scales for validate/test/predict
+    for stage in ("validate", "test", "predict"):
+        fresh = ImageClassifier.load_from_checkpoint(path, net=DigitsCNN(width=8))
+        t2 = trainer(tmp_path, 1, [qat()])
+        out = getattr(t2, stage)(fresh, datamodule=dm, ckpt_path=str(path), **({} if stage == "predict" else {"verbose": False}))
+        restored = quantizer_state(fresh)
+        assert all(torch.equal(trained[k], restored[k]) for k in trained), stage
+        if stage == "test":
+            assert out[0]["test_acc"] == pytest.approx(expected)
+
+
+def test_eval_without_trained_state_warns(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8))
+    with pytest.warns(UserWarning, match="hold no trained state.*ckpt_path"):
+        trainer(tmp_path, 1, [qat()]).validate(model, datamodule=DigitsDataModule(), verbose=False)
+
+
+def test_fit_twice_on_the_same_model(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+    dm = DigitsDataModule()
+    trainer(tmp_path, 1, [qat()], limit_train_batches=3).fit(model, datamodule=dm)
+    scale = model.net.features[3].weight_quantizer.scale
+    t = trainer(tmp_path, 1, [qat()], limit_train_batches=3)
+    t.fit(model, datamodule=dm)
+    assert model.net.features[3].weight_quantizer.scale is scale
+    assert id(scale) in {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+
+
+def test_recipe_mismatch_on_resume_is_refused(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+    dm = DigitsDataModule()
+    t = trainer(tmp_path, 1, [qat("lsq_w4a4")], limit_train_batches=2)
+    t.fit(model, datamodule=dm)
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    other = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
+    with pytest.raises(MisconfigurationException, match="different recipe"):
+        trainer(tmp_path, 2, [qat("lsq_w4a4", weight_bits=3)], limit_train_batches=2).fit(
+            other, datamodule=dm, ckpt_path=str(tmp_path / "a.ckpt")
+        )
+
+
+def test_bad_recipe_fails_before_training(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("description: x\nweights:\n  bits: 12\n")
+    with pytest.raises(MisconfigurationException, match=r"bad\.yaml: weights\.bits=12"):
+        QuantizationAwareTraining(str(bad))
+
+
+def test_unsupported_layer_warns_by_name(tmp_path):
+    class WithLSTM(ImageClassifier):
+        def __init__(self):
+            super().__init__(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+            self.extra = nn.LSTM(4, 4)
+
+    with pytest.warns(UserWarning, match=r"left in float: 'extra' \(LSTM\)"):
+        trainer(tmp_path, 1, [qat()], limit_train_batches=2).fit(WithLSTM(), datamodule=DigitsDataModule())
+
+
+def test_works_with_model_pruning(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
+    prune = ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=[(model.net.features[3], "weight")])
+    t = trainer(tmp_path, 2, [qat(), prune], limit_train_batches=3)
+    t.fit(model, datamodule=DigitsDataModule())
+    conv = model.net.features[3]
+    assert isinstance(conv.weight_quantizer, Quantizer)
+    assert float((conv.weight == 0).float().mean()) >= 0.5  # pruning applied to the quantized layer's weight
+
+
+class KwargsModel(pl.LightningModule):
+    """forward takes keyword arguments and batches are dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, *, pixels, scale=1.0):
+        return self.head(torch.relu(self.body(pixels.flatten(1) * scale)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(pixels=x, scale=1.0), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_forward_with_keyword_arguments(tmp_path):
+    model = KwargsModel()
+    trainer(tmp_path, 1, [qat(overrides=None)], limit_train_batches=3).fit(model, datamodule=DigitsDataModule())
+    assert model.body.weight_quantizer._initialized
+
+
+def test_compiled_model(tmp_path):
+    net = DigitsCNN(width=8)
+    model = ImageClassifier(torch.compile(net, backend="aot_eager"), optimizer="sgd", epochs=1)
+    t = trainer(tmp_path, 1, [qat()], limit_train_batches=3, limit_val_batches=1)
+    t.fit(model, datamodule=DigitsDataModule())
+    assert isinstance(net.features[3].weight_quantizer, Quantizer) and net.features[3].weight_quantizer._initialized
+    assert "net.features.3" in dict(quantized_layers(model))  # _orig_mod is hidden from names
+
+
+def test_schedule_start_epoch_and_observer_freeze(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
+    callback = qat("minmax_w8a8", overrides=["schedule.start_epoch=1", "schedule.observer_steps=2"])
+    t = trainer(tmp_path, 2, [callback], limit_train_batches=4)
+    t.fit(model, datamodule=DigitsDataModule())
+    q = model.net.features[3].input_quantizer
+    assert callback.quant_steps == 4  # only epoch 1 quantized
+    assert q.fake_quant_enabled and not q.observer_enabled  # frozen after 2 quantized steps
+
+
+def test_bn_folding_and_freeze_in_fit(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
+    callback = qat("lsq_w4a4", overrides=["layers.fold_bn=true", "schedule.freeze_bn_epoch=1"])
+    trainer(tmp_path, 2, [callback], limit_train_batches=3).fit(model, datamodule=DigitsDataModule())
+    conv = model.net.features[3]
+    assert conv.folded_bn is model.net.features[4] and conv.bn_frozen
+
+
+def test_csv_and_tensorboard_logging(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer(tmp_path, 1, [qat(overrides=["diagnostics.every_n_steps=2"])], logger=loggers, limit_train_batches=4).fit(
+        model, datamodule=DigitsDataModule()
+    )
+    rows = list(csv.DictReader(open(Path(loggers[0].log_dir) / "metrics.csv")))
+    columns = set(rows[0])
+    for key in ("quant/net.features.3/weight_sqnr_db", "quant/net.features.3/act_clipped",
+                "quant_val/net.classifier/act_sqnr_db", "model/compression", "model/effective_bits"):
+        assert key in columns, key
+    sqnr = [float(r["quant/net.features.3/weight_sqnr_db"]) for r in rows if r["quant/net.features.3/weight_sqnr_db"]]
+    assert sqnr and all(5 < v < 40 for v in sqnr)  # 4-bit weights: a plausible SQNR
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(loggers[1].log_dir, size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    assert "quant/sqnr_per_layer" in acc.Tags()["images"]
+    assert "weights/net.features.3" in acc.Tags()["histograms"]
+
+
+def test_wandb_offline_run_holds_quantization_metrics(tmp_path):
+    warnings.filterwarnings("ignore")
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lq-test")
+    trainer(tmp_path, 1, [qat(overrides=["diagnostics.every_n_steps=2"])], logger=logger, limit_train_batches=4).fit(
+        model, datamodule=DigitsDataModule()
+    )
+    logger.experiment.finish()
+    run_file = next(Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb"))
+    history = history_keys(run_file)
+    for key in ("quant/net.features.3/weight_sqnr_db", "quant/net.features.3/weight_scale",
+                "quant/net.features.3/act_clipped", "quant_val/net.features.7/act_sqnr_db", "model/size_mb"):
+        assert key in history, key
+    assert float(history["model/compression"][0]) > 4
+    assert any(k.startswith("quant/sqnr_per_layer") for k in history)  # the per-layer figure
