@@ -6,7 +6,7 @@ import datetime
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import lightning
 import torch
@@ -15,12 +15,14 @@ import torch
 def header(command: str) -> str:
     """Command, date and library versions, printed above every table."""
     return (
-        f"command: {command}\ndate: {datetime.date.today()}  python {platform.python_version()}  torch {torch.__version__}"
-        f"  lightning {lightning.__version__}  threads {torch.get_num_threads()}"
+        f"command: {command}\ndate: {datetime.date.today()}  python {platform.python_version()}"
+        f"  torch {torch.__version__}  lightning {lightning.__version__}  threads {torch.get_num_threads()}"
     )
 
 
-def interleaved_ratios(fns: dict[str, Callable[[], None]], baseline: str, rounds: int = 15, warmup: int = 3) -> dict[str, tuple[float, float, float]]:
+def interleaved_ratios(
+    fns: dict[str, Callable[[], None]], baseline: str, rounds: int = 15, warmup: int = 3
+) -> dict[str, tuple[float, float, float]]:
     """Time each function once per round, in turn (A B C A B C ...), after warm-up.
 
     Returns name -> (median, min, max) of the per-round ratio time(name) / time(baseline).

@@ -29,8 +29,14 @@ RECIPES = ["lsq_w8a8", "minmax_w8a8", "lsq_w4a4", "pact_w4a4", "dorefa_w4a4", "d
 
 
 def _trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 def test_acc(trainer: pl.Trainer, model: pl.LightningModule, dm: DigitsDataModule) -> float:
@@ -57,8 +63,9 @@ def main() -> None:
             recipe = load_recipe(name, ["diagnostics.summary=false", "diagnostics.every_n_steps=0"])
             tr = recipe.training
             model = copy.deepcopy(base)
-            model.hparams.update(optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum,
-                                 weight_decay=tr.weight_decay, epochs=tr.epochs)
+            model.hparams.update(
+                optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
+            )
             pl.seed_everything(seed, verbose=False)
             trainer = _trainer(tr.epochs, [QuantizationAwareTraining(recipe)])
             start = time.perf_counter()
@@ -68,7 +75,10 @@ def main() -> None:
             print(f"seed {seed} {name}: {100 * results[name][-1]:.2f}", file=sys.stderr, flush=True)
     print(header("python benchmarks/qat_accuracy.py --seeds " + " ".join(map(str, args.seeds))))
     float_mean = statistics.mean(results["float"])
-    print("\n| recipe | W/A bits | test acc % (mean ± std) | min–max | Δ vs float (points) | fine-tune epochs | fit time s (median) |")
+    print(
+        "\n| recipe | W/A bits | test acc % (mean ± std) | min–max | Δ vs float (points) | fine-tune epochs"
+        " | fit time s (median) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, accs in results.items():
         mean = statistics.mean(accs)
@@ -77,9 +87,15 @@ def main() -> None:
             bits, epochs, t = "32/32", "20 (Adam)", "-"
         else:
             r = load_recipe(name)
-            bits, epochs, t = f"{r.weights.bits}/{r.activations.bits}", str(r.training.epochs), f"{statistics.median(times[name]):.1f}"
-        print(f"| {name} | {bits} | {100 * mean:.2f} ± {100 * std:.2f} | {100 * min(accs):.2f}–{100 * max(accs):.2f} "
-              f"| {100 * (mean - float_mean):+.2f} | {epochs} | {t} |")
+            bits, epochs, t = (
+                f"{r.weights.bits}/{r.activations.bits}",
+                str(r.training.epochs),
+                f"{statistics.median(times[name]):.1f}",
+            )
+        print(
+            f"| {name} | {bits} | {100 * mean:.2f} ± {100 * std:.2f} | {100 * min(accs):.2f}–{100 * max(accs):.2f} "
+            f"| {100 * (mean - float_mean):+.2f} | {epochs} | {t} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import copy
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.ao.quantization as tq

@@ -35,7 +35,9 @@ def _import(path: str, what: str) -> Any:
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        raise SystemExit(f"error: --{what} {path!r} could not be imported ({err}); use the form 'mypkg.module:ClassName'")
+        raise SystemExit(
+            f"error: --{what} {path!r} could not be imported ({err}); use the form 'mypkg.module:ClassName'"
+        )
 
 
 def _default_cache() -> Path:
@@ -46,7 +48,12 @@ def _make_logger(kind: str, save_dir: Path, name: str) -> Logger:
     if kind == "tensorboard":
         return TensorBoardLogger(save_dir, name=name)
     if kind == "wandb":
-        return WandbLogger(name=name, save_dir=str(save_dir), project="lightning-quant", offline=os.environ.get("WANDB_MODE") == "offline")
+        return WandbLogger(
+            name=name,
+            save_dir=str(save_dir),
+            project="lightning-quant",
+            offline=os.environ.get("WANDB_MODE") == "offline",
+        )
     return CSVLogger(save_dir, name=name)
 
 
@@ -85,13 +92,18 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     tr = recipe.training
     datamodule = _import(args.data, "data")() if args.data else DigitsDataModule(batch_size=tr.batch_size)
     user_model = args.model is not None
-    model: pl.LightningModule = _import(args.model, "model")() if user_model else ImageClassifier(
-        optimizer="adam", lr=0.01, epochs=args.float_epochs
+    model: pl.LightningModule = (
+        _import(args.model, "model")()
+        if user_model
+        else ImageClassifier(optimizer="adam", lr=0.01, epochs=args.float_epochs)
     )
     out_dir = Path(args.output_dir)
 
     # 1. float baseline, cached by model class, seed and epochs
-    cache = Path(args.cache_dir) / f"{type(model).__module__}.{type(model).__qualname__}-seed{args.seed}-e{args.float_epochs}.pt"
+    cache = (
+        Path(args.cache_dir)
+        / f"{type(model).__module__}.{type(model).__qualname__}-seed{args.seed}-e{args.float_epochs}.pt"
+    )
     start = time.perf_counter()
     if cache.is_file() and not args.retrain:
         model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
@@ -161,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``lightning-quant`` command."""
     parser = argparse.ArgumentParser(prog="lightning-quant", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="train float, fine-tune under a recipe, test both, print a table",
-                         description="Run a recipe end to end. Without --model/--data: digits and a small CNN.")
+    fit = sub.add_parser(
+        "fit",
+        help="train float, fine-tune under a recipe, test both, print a table",
+        description="Run a recipe end to end. Without --model/--data: digits and a small CNN.",
+    )
     fit.add_argument("--recipe", default="lsq_w4a4", help="shipped recipe name or path to a YAML recipe")
     fit.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. weights.bits=3")
     fit.add_argument("--model", help="LightningModule class as 'pkg.module:Class' (built with no arguments)")

@@ -72,7 +72,9 @@ class Recipe:
     kind: str = "qat"
     base: Optional[str] = None
     weights: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(method="observer", bits=8))
-    activations: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(method="observer", bits=8, observer="ema"))
+    activations: QuantizerConfig = field(
+        default_factory=lambda: QuantizerConfig(method="observer", bits=8, observer="ema")
+    )
     layers: LayerSelection = field(default_factory=LayerSelection)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -262,9 +264,17 @@ def validate_recipe(recipe: Recipe) -> None:
     for i, t in enumerate(lay.types):
         _check(t in TYPE_NAMES, src, f"layers.types[{i}]", t, f"allowed: {sorted(TYPE_NAMES)}")
     for key in ("first_layer", "last_layer"):
-        _check(getattr(lay, key) in _EDGE_RULES, src, f"layers.{key}", getattr(lay, key), f"allowed: {list(_EDGE_RULES)}")
+        _check(
+            getattr(lay, key) in _EDGE_RULES, src, f"layers.{key}", getattr(lay, key), f"allowed: {list(_EDGE_RULES)}"
+        )
     for i, ov in enumerate(lay.overrides):
-        _check(ov.pattern not in ("", "???"), src, f"layers.overrides[{i}].pattern", ov.pattern, "a module-name glob is required")
+        _check(
+            ov.pattern not in ("", "???"),
+            src,
+            f"layers.overrides[{i}].pattern",
+            ov.pattern,
+            "a module-name glob is required",
+        )
         for key in ("weight_bits", "activation_bits"):
             bits = getattr(ov, key)
             _check(bits is None or 1 <= bits <= 8, src, f"layers.overrides[{i}].{key}", bits, "allowed: 1 to 8")
@@ -277,7 +287,13 @@ def validate_recipe(recipe: Recipe) -> None:
     _check(tr.epochs >= 1, src, "training.epochs", tr.epochs, "must be >= 1")
     _check(tr.lr > 0, src, "training.lr", tr.lr, "must be positive")
     _check(tr.batch_size >= 1, src, "training.batch_size", tr.batch_size, "must be >= 1")
-    _check(recipe.diagnostics.every_n_steps >= 0, src, "diagnostics.every_n_steps", recipe.diagnostics.every_n_steps, "must be >= 0")
+    _check(
+        recipe.diagnostics.every_n_steps >= 0,
+        src,
+        "diagnostics.every_n_steps",
+        recipe.diagnostics.every_n_steps,
+        "must be >= 0",
+    )
 
 
 __all__ = [

@@ -19,12 +19,24 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4, limit_val_batches=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[QuantizationAwareTraining(recipe, overrides=["diagnostics.summary=false"])],
     )
     trainer.fit(model, datamodule=DigitsDataModule())
     if "DEBUG_DDP" in __import__("os").environ:
-        print(trainer.global_rank, model.net.features[0].input_quantizer.scale.item(), model.net.features[3].input_quantizer.scale.item())
+        print(
+            trainer.global_rank,
+            model.net.features[0].input_quantizer.scale.item(),
+            model.net.features[3].input_quantizer.scale.item(),
+        )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "quantizer" in k}
     torch.save(state, out / f"rank{trainer.global_rank}.pt")

@@ -10,20 +10,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelPruning
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from wandb_records import history_keys
 
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
 from lightning_quant.nn import quantized_layers
 from lightning_quant.quantizers import Quantizer
-from wandb_records import history_keys
 
 
 def trainer(tmp_path, epochs=2, callbacks=(), **kw):
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
     return pl.Trainer(
-        max_epochs=epochs, callbacks=list(callbacks), default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, deterministic=True, **kw,
+        max_epochs=epochs,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        **kw,
     )
 
 
@@ -65,7 +70,9 @@ def test_resume_from_mid_run_checkpoint_is_exact(tmp_path):
     first = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=4)
     first.load_state_dict(init)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
-    trainer(tmp_path / "b", 2, [qat(), ckpt], limit_train_batches=5, enable_checkpointing=True).fit(first, datamodule=dm)
+    trainer(tmp_path / "b", 2, [qat(), ckpt], limit_train_batches=5, enable_checkpointing=True).fit(
+        first, datamodule=dm
+    )
 
     resumed = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=4)
     callback = qat()
@@ -73,7 +80,8 @@ def test_resume_from_mid_run_checkpoint_is_exact(tmp_path):
     t_resumed.fit(resumed, datamodule=dm, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert callback.quant_steps == 20
     a, b = quantizer_state(full), quantizer_state(resumed)
-    assert a.keys() == b.keys() and len(a) > 0
+    assert a.keys() == b.keys()
+    assert len(a) > 0
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     assert torch.allclose(t_full.callback_metrics["val_acc"], t_resumed.callback_metrics["val_acc"])
@@ -98,7 +106,9 @@ def test_checkpoint_loads_into_plain_class_and_evaluates(tmp_path):
     for stage in ("validate", "test", "predict"):
         fresh = ImageClassifier.load_from_checkpoint(path, net=DigitsCNN(width=8))
         t2 = trainer(tmp_path, 1, [qat()])
-        out = getattr(t2, stage)(fresh, datamodule=dm, ckpt_path=str(path), **({} if stage == "predict" else {"verbose": False}))
+        out = getattr(t2, stage)(
+            fresh, datamodule=dm, ckpt_path=str(path), **({} if stage == "predict" else {"verbose": False})
+        )
         restored = quantizer_state(fresh)
         assert all(torch.equal(trained[k], restored[k]) for k in trained), stage
         if stage == "test":
@@ -192,7 +202,8 @@ def test_compiled_model(tmp_path):
     model = ImageClassifier(torch.compile(net, backend="aot_eager"), optimizer="sgd", epochs=1)
     t = trainer(tmp_path, 1, [qat()], limit_train_batches=3, limit_val_batches=1)
     t.fit(model, datamodule=DigitsDataModule())
-    assert isinstance(net.features[3].weight_quantizer, Quantizer) and net.features[3].weight_quantizer._initialized
+    assert isinstance(net.features[3].weight_quantizer, Quantizer)
+    assert net.features[3].weight_quantizer._initialized
     assert "net.features.3" in dict(quantized_layers(model))  # _orig_mod is hidden from names
 
 
@@ -203,7 +214,8 @@ def test_schedule_start_epoch_and_observer_freeze(tmp_path):
     t.fit(model, datamodule=DigitsDataModule())
     q = model.net.features[3].input_quantizer
     assert callback.quant_steps == 4  # only epoch 1 quantized
-    assert q.fake_quant_enabled and not q.observer_enabled  # frozen after 2 quantized steps
+    assert q.fake_quant_enabled
+    assert not q.observer_enabled
 
 
 def test_bn_folding_and_freeze_in_fit(tmp_path):
@@ -211,7 +223,8 @@ def test_bn_folding_and_freeze_in_fit(tmp_path):
     callback = qat("lsq_w4a4", overrides=["layers.fold_bn=true", "schedule.freeze_bn_epoch=1"])
     trainer(tmp_path, 2, [callback], limit_train_batches=3).fit(model, datamodule=DigitsDataModule())
     conv = model.net.features[3]
-    assert conv.folded_bn is model.net.features[4] and conv.bn_frozen
+    assert conv.folded_bn is model.net.features[4]
+    assert conv.bn_frozen
 
 
 def test_csv_and_tensorboard_logging(tmp_path):
@@ -220,13 +233,20 @@ def test_csv_and_tensorboard_logging(tmp_path):
     trainer(tmp_path, 1, [qat(overrides=["diagnostics.every_n_steps=2"])], logger=loggers, limit_train_batches=4).fit(
         model, datamodule=DigitsDataModule()
     )
-    rows = list(csv.DictReader(open(Path(loggers[0].log_dir) / "metrics.csv")))
+    with open(Path(loggers[0].log_dir) / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
     columns = set(rows[0])
-    for key in ("quant/net.features.3/weight_sqnr_db", "quant/net.features.3/act_clipped",
-                "quant_val/net.classifier/act_sqnr_db", "model/compression", "model/effective_bits"):
+    for key in (
+        "quant/net.features.3/weight_sqnr_db",
+        "quant/net.features.3/act_clipped",
+        "quant_val/net.classifier/act_sqnr_db",
+        "model/compression",
+        "model/effective_bits",
+    ):
         assert key in columns, key
     sqnr = [float(r["quant/net.features.3/weight_sqnr_db"]) for r in rows if r["quant/net.features.3/weight_sqnr_db"]]
-    assert sqnr and all(5 < v < 40 for v in sqnr)  # 4-bit weights: a plausible SQNR
+    assert sqnr
+    assert all(5 < v < 40 for v in sqnr)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(loggers[1].log_dir, size_guidance={"images": 0, "histograms": 0})
@@ -245,8 +265,13 @@ def test_wandb_offline_run_holds_quantization_metrics(tmp_path):
     logger.experiment.finish()
     run_file = next(Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb"))
     history = history_keys(run_file)
-    for key in ("quant/net.features.3/weight_sqnr_db", "quant/net.features.3/weight_scale",
-                "quant/net.features.3/act_clipped", "quant_val/net.features.7/act_sqnr_db", "model/size_mb"):
+    for key in (
+        "quant/net.features.3/weight_sqnr_db",
+        "quant/net.features.3/weight_scale",
+        "quant/net.features.3/act_clipped",
+        "quant_val/net.features.7/act_sqnr_db",
+        "model/size_mb",
+    ):
         assert key in history, key
     assert float(history["model/compression"][0]) > 4
     assert any(k.startswith("quant/sqnr_per_layer") for k in history)  # the per-layer figure

@@ -45,7 +45,8 @@ def test_asymmetric_qparams_and_values():
 
 def test_symmetric_unsigned_qparams():
     scale, zp = qparams_from_range(torch.tensor([0.0]), torch.tensor([3.0]), 0, 15, symmetric=True)
-    assert scale.item() == pytest.approx(0.2) and zp.item() == 0
+    assert scale.item() == pytest.approx(0.2)
+    assert zp.item() == 0
 
 
 def test_per_channel_any_axis():
@@ -89,7 +90,9 @@ def test_lsq_step_gradient_matches_formula(bits, signed):
     q(x).sum().backward()
     qmin, qmax = int_range(bits, signed)
     v = x / 0.3
-    per_elem = torch.where(v < qmin, torch.tensor(float(qmin)), torch.where(v > qmax, torch.tensor(float(qmax)), v.round() - v))
+    per_elem = torch.where(
+        v < qmin, torch.tensor(float(qmin)), torch.where(v > qmax, torch.tensor(float(qmax)), v.round() - v)
+    )
     g = 1 / math.sqrt(x.numel() * qmax)
     assert q.scale.grad.item() == pytest.approx(per_elem.sum().item() * g, rel=1e-4)
 
@@ -107,7 +110,8 @@ def test_lsq_plus_learns_offset():
     x = torch.rand(500) * 3 + 1  # all positive, offset matters
     q = LSQQuantizer(QuantizerConfig(method="lsq", bits=4, learn_offset=True, signed=False), "activation")
     y = q(x.unsqueeze(0))
-    assert q.offset is not None and q.offset.item() == pytest.approx(x.min().item(), rel=1e-4)
+    assert q.offset is not None
+    assert q.offset.item() == pytest.approx(x.min().item(), rel=1e-4)
     assert (y - x).abs().max() <= q.scale.item() / 2 + 1e-5
     y.sum().backward()
     assert q.offset.grad is not None
@@ -117,7 +121,9 @@ def test_pact_clip_gradient():
     q = PACTQuantizer(QuantizerConfig(method="pact", bits=4, clip_init=2.0, clip_decay=0.0, signed=False), "activation")
     x = torch.tensor([[-1.0, 0.5, 1.0, 2.5, 3.0]])
     y = q(x)
-    assert y[0, 0] == 0 and y[0, 3] == 2.0 and y[0, 4] == 2.0
+    assert y[0, 0] == 0
+    assert y[0, 3] == 2.0
+    assert y[0, 4] == 2.0
     y.sum().backward()
     assert q.alpha.grad.item() == pytest.approx(2.0)  # two inputs at or above alpha
 
@@ -150,8 +156,10 @@ def test_dsq_forward_is_hard_and_alpha_learns():
     y = q(x)
     assert torch.allclose(y.unique(), torch.tensor([0.0, 1.0, 2.0, 3.0]), atol=1e-5)
     y.sum().backward()
-    assert q.alpha.grad is not None and q.alpha.grad.abs().item() > 0
-    assert q.lower.grad is not None and q.upper.grad is not None
+    assert q.alpha.grad is not None
+    assert q.alpha.grad.abs().item() > 0
+    assert q.lower.grad is not None
+    assert q.upper.grad is not None
 
 
 @pytest.mark.parametrize("method", sorted(QUANTIZERS))
@@ -167,7 +175,8 @@ def test_every_quantizer_levels_and_gradients(method, bits):
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all()
     for p in q.parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert p.grad is not None
+        assert torch.isfinite(p.grad).all()
 
 
 def test_disabled_quantizer_is_identity():
@@ -180,10 +189,12 @@ def test_disabled_quantizer_is_identity():
 def test_auto_sign_from_first_batch():
     q = ObserverQuantizer(QuantizerConfig(bits=4), "activation")
     q(torch.rand(10))
-    assert not bool(q.signed) and (q.qmin, q.qmax) == (0, 15)
+    assert not bool(q.signed)
+    assert (q.qmin, q.qmax) == (0, 15)
     q2 = ObserverQuantizer(QuantizerConfig(bits=4), "activation")
     q2(torch.randn(10))
-    assert bool(q2.signed) and (q2.qmin, q2.qmax) == (-8, 7)
+    assert bool(q2.signed)
+    assert (q2.qmin, q2.qmax) == (-8, 7)
 
 
 def test_quantizer_state_roundtrip_and_float_checkpoint_tolerance():
@@ -191,10 +202,12 @@ def test_quantizer_state_roundtrip_and_float_checkpoint_tolerance():
     q(torch.randn(100))
     fresh = LSQQuantizer(QuantizerConfig(method="lsq", bits=4), "weight")
     fresh.load_state_dict(q.state_dict())
-    assert torch.equal(fresh.scale, q.scale) and fresh._initialized
+    assert torch.equal(fresh.scale, q.scale)
+    assert fresh._initialized
     untouched = LSQQuantizer(QuantizerConfig(method="lsq", bits=4), "weight")
     result = untouched.load_state_dict({}, strict=True)  # absent state: kept, not an error
-    assert not result.missing_keys and not untouched._initialized
+    assert not result.missing_keys
+    assert not untouched._initialized
 
 
 # -- observers on known distributions -----------------------------------------------------------------
@@ -204,7 +217,8 @@ def test_minmax_observer_running_range():
     obs = build_observer("minmax")
     obs(torch.tensor([[-1.0, 2.0]]))
     obs(torch.tensor([[-3.0, 1.0]]))
-    assert obs.min_val.item() == -3.0 and obs.max_val.item() == 2.0
+    assert obs.min_val.item() == -3.0
+    assert obs.max_val.item() == 2.0
 
 
 def test_ema_observer():
@@ -227,6 +241,7 @@ def test_mse_observer_clips_gaussian_tails_at_low_bits():
     obs(x)
     ratio = obs.max_val.item() / x.max().item()
     assert 0.3 < ratio < 0.95  # a Gaussian's optimal 4-bit clip is well inside its extremes
+
     # and it beats plain min-max in L2 error
     def err(lo, hi):
         s, z = qparams_from_range(torch.tensor([lo]), torch.tensor([hi]), -8, 7, False)

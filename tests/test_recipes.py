@@ -32,9 +32,12 @@ def test_every_recipe_loads_and_builds(name):
 
 def test_base_inheritance_and_overrides():
     r = load_recipe("lsq_w2a2")
-    assert r.weights.bits == 2 and r.weights.method == "lsq" and r.training.weight_decay == 2.5e-5
+    assert r.weights.bits == 2
+    assert r.weights.method == "lsq"
+    assert r.training.weight_decay == 2.5e-5
     r = load_recipe("lsq_w4a4", overrides=["weights.bits=3", "layers.first_layer=float"])
-    assert r.weights.bits == 3 and r.layers.first_layer == "float"
+    assert r.weights.bits == 3
+    assert r.layers.first_layer == "float"
 
 
 def test_load_by_path_dict_and_dictconfig(tmp_path):
@@ -49,18 +52,30 @@ def test_load_by_path_dict_and_dictconfig(tmp_path):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("description: x\nweights:\n  bitz: 4\n", r"bad\.yaml: Key 'bitz' not in 'QuantizerConfig'\. Did you mean: 'bits'\?"),
+        (
+            "description: x\nweights:\n  bitz: 4\n",
+            r"bad\.yaml: Key 'bitz' not in 'QuantizerConfig'\. Did you mean: 'bits'\?",
+        ),
         ("description: x\nweights:\n  bits: 9\n", r"bad\.yaml: weights\.bits=9 is not allowed; allowed: 1 to 8"),
         ("description: x\nweights:\n  bits: eight\n", r"bad\.yaml: .*'eight'.*weights\.bits"),
-        ("description: x\nactivations:\n  granularity: per_channel\n", r"activations\.granularity='per_channel'.*per_tensor only"),
+        (
+            "description: x\nactivations:\n  granularity: per_channel\n",
+            r"activations\.granularity='per_channel'.*per_tensor only",
+        ),
         ("description: x\nweights:\n  method: pact\n", r"weights\.method='pact'.*activation only"),
         ("description: x\nactivations:\n  observer: magic\n", r"activations\.observer='magic'.*allowed: \['ema'"),
         ("description: x\nlayers:\n  types: [LSTM]\n", r"layers\.types\[0\]='LSTM'.*allowed"),
-        ("description: x\nlayers:\n  first_layer: sometimes\n", r"layers\.first_layer='sometimes'.*'float', '8bit', 'same'"),
+        (
+            "description: x\nlayers:\n  first_layer: sometimes\n",
+            r"layers\.first_layer='sometimes'.*'float', '8bit', 'same'",
+        ),
         ("weights:\n  bits: 4\n", r"bad\.yaml: key 'description' is required"),
         ("description: x\nkind: magic\n", r"kind='magic' is not allowed"),
         ("description: x\ndorefa: 1\n", r"Key 'dorefa' not in 'Recipe'"),
-        ("description: x\nweights:\n  method: dorefa\n  granularity: per_channel\n", r"dorefa quantizer supports per_tensor"),
+        (
+            "description: x\nweights:\n  method: dorefa\n  granularity: per_channel\n",
+            r"dorefa quantizer supports per_tensor",
+        ),
         ("description: x\ntraining:\n  optimizer: rmsprop\n", r"training\.optimizer='rmsprop'"),
         ("description: x\nschedule:\n  start_epoch: -1\n", r"schedule\.start_epoch=-1"),
     ],
@@ -97,7 +112,18 @@ def test_fingerprint_ignores_schedule_but_not_bits():
 def test_recipes_are_packaged_in_the_wheel(tmp_path):
     root = recipes_dir().parent
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
         check=True,
     )
     wheel = next(tmp_path.glob("lightning_quant-*.whl"))

@@ -13,9 +13,14 @@ A4 = QuantizerConfig(method="lsq", bits=4)
 
 def small_net():
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 8 * 8, 10),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
     )
 
 
@@ -23,7 +28,8 @@ def test_swap_keeps_parameters_and_isinstance():
     net = small_net()
     w = net[3].weight
     report = quantize_model(net, W4, A4)
-    assert isinstance(net[3], nn.Conv2d) and isinstance(net[3], QuantConv2d)
+    assert isinstance(net[3], nn.Conv2d)
+    assert isinstance(net[3], QuantConv2d)
     assert net[3].weight is w
     assert [r.weight_bits for r in report.quantized] == [8, 4, 8]  # first/last at 8 bit by default
     assert "layers.first_layer=8bit" in report.table()
@@ -36,9 +42,11 @@ def test_first_last_float_and_overrides():
     sel = LayerSelection(first_layer="float", last_layer="same", overrides=[LayerOverride(pattern="3", weight_bits=2)])
     report = quantize_model(net, W4, A4, sel)
     assert not isinstance(net[0], QuantizedLayer)
-    assert net[3].weight_quantizer.bits == 2 and net[3].input_quantizer.bits == 4
+    assert net[3].weight_quantizer.bits == 2
+    assert net[3].input_quantizer.bits == 4
     assert net[7].weight_quantizer.bits == 4
-    assert report.layers[0].status == "float" and "first_layer=float" in report.layers[0].reason
+    assert report.layers[0].status == "float"
+    assert "first_layer=float" in report.layers[0].reason
 
 
 def test_include_exclude_and_skip():
@@ -61,7 +69,8 @@ def test_unsupported_layer_warns_and_stays_float():
 
     net = WithRNN()
     report = quantize_model(net, W4, A4)
-    assert isinstance(net.head, QuantizedLayer) and not isinstance(net.rnn, QuantizedLayer)
+    assert isinstance(net.head, QuantizedLayer)
+    assert not isinstance(net.rnn, QuantizedLayer)
     assert any("'rnn' (GRU)" in w for w in report.warnings)
     assert any("'' (WithRNN)" in w or "(WithRNN)" in w for w in report.warnings)
 
@@ -106,7 +115,8 @@ def test_untraceable_model_with_dict_input():
         torch.fx.symbolic_trace(net)
     quantize_model(net, W4, A4, LayerSelection(first_layer="same", last_layer="same"))
     out = net({"x": torch.randn(4, 6).abs()})
-    assert out.shape == (4, 3) and isinstance(net.a, QuantizedLayer)
+    assert out.shape == (4, 3)
+    assert isinstance(net.a, QuantizedLayer)
 
 
 def test_bn_folding_matches_float_in_eval():
@@ -135,7 +145,8 @@ def test_bn_folding_training_updates_running_stats():
     net.train()
     net(torch.randn(8, 1, 8, 8)).sum().backward()
     assert not torch.equal(before, net[4].running_mean)
-    assert net[3].weight.grad is not None and net[4].weight.grad is not None
+    assert net[3].weight.grad is not None
+    assert net[4].weight.grad is not None
 
 
 def test_dequantize_roundtrip():
@@ -143,7 +154,8 @@ def test_dequantize_roundtrip():
     ref = {k: v.clone() for k, v in net.state_dict().items()}
     quantize_model(net, W4, A4, LayerSelection(fold_bn=True))
     dequantize_model(net)
-    assert type(net[3]) is nn.Conv2d and type(net[4]) is nn.BatchNorm2d
+    assert type(net[3]) is nn.Conv2d
+    assert type(net[4]) is nn.BatchNorm2d
     assert set(net.state_dict()) == set(ref)
 
 
@@ -161,8 +173,12 @@ def test_conv_transpose_and_conv1d_3d():
     quantize_model(net, QuantizerConfig(bits=4, granularity="per_channel"), A4)
     assert net(torch.randn(2, 2, 10)).shape == (2, 2, 4)
     up = nn.Sequential(nn.ConvTranspose2d(3, 5, 2, stride=2), nn.ConvTranspose2d(5, 2, 2, stride=2))
-    quantize_model(up, QuantizerConfig(bits=4, granularity="per_channel"), A4,
-                   LayerSelection(types=["ConvTranspose2d"], first_layer="same", last_layer="same"))
+    quantize_model(
+        up,
+        QuantizerConfig(bits=4, granularity="per_channel"),
+        A4,
+        LayerSelection(types=["ConvTranspose2d"], first_layer="same", last_layer="same"),
+    )
     assert up[0].weight_quantizer.num_groups == 5  # output channels are axis 1 of a transposed weight
     assert up(torch.randn(1, 3, 4, 4)).shape == (1, 2, 16, 16)
     vol = nn.Sequential(nn.Conv3d(1, 2, 3))

@@ -178,8 +178,12 @@ class QuantizationAwareTraining(Callback):
         self._apply_schedule(trainer, training=False)
         if self._warned_uninitialized:
             return
-        fresh = [name for name, layer in quantized_layers(pl_module)
-                 for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None and not q._initialized]
+        fresh = [
+            name
+            for name, layer in quantized_layers(pl_module)
+            for q in (layer.weight_quantizer, layer.input_quantizer)
+            if q is not None and not q._initialized
+        ]
         if fresh:
             self._warned_uninitialized = True
             rank_zero_warn(
@@ -231,7 +235,11 @@ class QuantizationAwareTraining(Callback):
     # -- checkpoints -------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.recipe.fingerprint(), "recipe": self.recipe.to_yaml(), "quant_steps": self.quant_steps}
+        return {
+            "fingerprint": self.recipe.fingerprint(),
+            "recipe": self.recipe.to_yaml(),
+            "quant_steps": self.quant_steps,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -247,7 +255,9 @@ class QuantizationAwareTraining(Callback):
             )
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         state = checkpoint.get("state_dict", {})
         keys = _quantizer_keys(pl_module)
         checkpoint[_CKPT_KEY] = {
@@ -257,7 +267,9 @@ class QuantizationAwareTraining(Callback):
         }
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         saved = checkpoint.get(_CKPT_KEY)
         if saved is None:
             return
@@ -270,5 +282,5 @@ class QuantizationAwareTraining(Callback):
         modules = dict(pl_module.named_modules(remove_duplicate=False))
         for prefix, module in modules.items():
             if isinstance(module, Quantizer):
-                own = {k[len(prefix) + 1:]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
+                own = {k[len(prefix) + 1 :]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
                 module.load_state_dict(own, strict=True)

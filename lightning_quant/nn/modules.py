@@ -61,7 +61,9 @@ class _QuantConvNd(QuantizedLayer):
         statistics, which also updates the running ones; frozen or in eval, the folded bias is used.
         """
         bn = self.folded_bn
-        assert bn is not None and bn.running_var is not None and bn.running_mean is not None
+        assert bn is not None
+        assert bn.running_var is not None
+        assert bn.running_mean is not None
         weight: torch.Tensor = self.weight  # type: ignore[assignment]
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
@@ -76,9 +78,7 @@ class _QuantConvNd(QuantizedLayer):
         bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
         if self.training and not self.bn_frozen:
             y = y / factor.reshape(oshape) + bias.reshape(oshape)
-            return F.batch_norm(
-                y, bn.running_mean, bn.running_var, gamma, beta, True, bn.momentum or 0.1, bn.eps
-            )
+            return F.batch_norm(y, bn.running_mean, bn.running_var, gamma, beta, True, bn.momentum or 0.1, bn.eps)
         return y + (beta + (bias - bn.running_mean) * factor).reshape(oshape)
 
 
@@ -109,7 +109,13 @@ class _QuantConvTransposeNd(QuantizedLayer):
     def forward(self, x: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
         dims = len(self.kernel_size)  # type: ignore[attr-defined]
         output_padding = self._output_padding(  # type: ignore[attr-defined]
-            x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation  # type: ignore[attr-defined]
+            x,
+            output_size,
+            self.stride,
+            self.padding,
+            self.kernel_size,
+            dims,
+            self.dilation,  # type: ignore[attr-defined]
         )
         return _CONV_TRANSPOSE[dims](
             self.quantized_input(x),
@@ -149,7 +155,13 @@ class QuantEmbedding(QuantizedLayer, nn.Embedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(
-            x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+            x,
+            self.quantized_weight(),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
         )
 
 

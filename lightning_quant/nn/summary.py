@@ -95,15 +95,54 @@ class ModelSummary:
         """Plain-text table with one row per layer and a totals row against float."""
         head = ("layer", "type", "W bits", "A bits", "params", "memory (KB)", "MACs", "BOPs")
         rows = [
-            (r.name, r.type, str(r.weight_bits), str(r.activation_bits), f"{r.params:,}", f"{r.memory_bits / 8e3:.2f}",
-             f"{r.macs:,}", f"{r.bops:.3g}")
+            (
+                r.name,
+                r.type,
+                str(r.weight_bits),
+                str(r.activation_bits),
+                f"{r.params:,}",
+                f"{r.memory_bits / 8e3:.2f}",
+                f"{r.macs:,}",
+                f"{r.bops:.3g}",
+            )
             for r in self.layers
         ]
-        rows.append(("other (norms, ...)", "", "32", "-", f"{self.other_params:,}", f"{self.other_params * 4 / 1e3:.2f}", "", ""))
-        rows.append(("total", "", f"{self.effective_bits:.2f}", "", f"{self.params:,}", f"{self.memory_bits / 8e3:.2f}",
-                     f"{self.macs:,}", f"{self.bops:.3g}"))
-        rows.append(("float total", "", "32", "32", f"{self.params:,}", f"{self.float_memory_bits / 8e3:.2f}",
-                     f"{self.macs:,}", f"{self.float_bops:.3g}"))
+        rows.append(
+            (
+                "other (norms, ...)",
+                "",
+                "32",
+                "-",
+                f"{self.other_params:,}",
+                f"{self.other_params * 4 / 1e3:.2f}",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "total",
+                "",
+                f"{self.effective_bits:.2f}",
+                "",
+                f"{self.params:,}",
+                f"{self.memory_bits / 8e3:.2f}",
+                f"{self.macs:,}",
+                f"{self.bops:.3g}",
+            )
+        )
+        rows.append(
+            (
+                "float total",
+                "",
+                "32",
+                "32",
+                f"{self.params:,}",
+                f"{self.float_memory_bits / 8e3:.2f}",
+                f"{self.macs:,}",
+                f"{self.float_bops:.3g}",
+            )
+        )
         text = format_table(head, rows)
         return text + f"\ncompression {self.compression:.2f}x, BOPs {self.bops / max(self.float_bops, 1):.3%} of float"
 
@@ -147,8 +186,14 @@ def summarize(model: nn.Module, example_input: Optional[Any] = None) -> ModelSum
             a = _FLOAT_BITS
         weight_n = m.weight.numel()
         bias_n = m.bias.numel() if getattr(m, "bias", None) is not None else 0
-        row = LayerCost(clean_name(name), type(m).__name__.removeprefix("Quant"), w, a, weight_n + bias_n,
-                        weight_n * w + bias_n * _FLOAT_BITS)
+        row = LayerCost(
+            clean_name(name),
+            type(m).__name__.removeprefix("Quant"),
+            w,
+            a,
+            weight_n + bias_n,
+            weight_n * w + bias_n * _FLOAT_BITS,
+        )
         rows[id(m)] = row
         summary.layers.append(row)
         counted.update(id(p) for p in m.parameters(recurse=False))
@@ -157,7 +202,9 @@ def summarize(model: nn.Module, example_input: Optional[Any] = None) -> ModelSum
         return summary
     modules = {id(m): m for m in model.modules() if id(m) in rows}
     hooks = [
-        m.register_forward_hook(lambda mod, inp, out: setattr(rows[id(mod)], "macs", rows[id(mod)].macs + _layer_macs(mod, inp, out)))
+        m.register_forward_hook(
+            lambda mod, inp, out: setattr(rows[id(mod)], "macs", rows[id(mod)].macs + _layer_macs(mod, inp, out))
+        )
         for m in modules.values()
     ]
     quantizers = [q for q in model.modules() if hasattr(q, "fake_quant_enabled")]

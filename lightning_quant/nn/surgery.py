@@ -132,7 +132,8 @@ def _fold_pairs(model: nn.Module) -> dict[nn.Module, nn.modules.batchnorm._Batch
         children = list(parent.children())
         for a, b in zip(children, children[1:]):
             if (
-                type(a) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, *(QUANTIZED_CLASSES[c] for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+                type(a)
+                in (nn.Conv1d, nn.Conv2d, nn.Conv3d, *(QUANTIZED_CLASSES[c] for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)))
                 and type(b) in FOLDED_BN_CLASSES
                 and b.num_features == a.out_channels
                 and b.affine
@@ -192,7 +193,9 @@ def quantize_model(
         acfg: Optional[QuantizerConfig] = activations if activations.enabled else None
         reason = ""
         if not _matches(name, layers.include) or _matches(name, layers.exclude):
-            report.layers.append(LayerReport(name, type(module).__name__, "float", reason="excluded by layers.include/exclude"))
+            report.layers.append(
+                LayerReport(name, type(module).__name__, "float", reason="excluded by layers.include/exclude")
+            )
             continue
         edge = "first_layer" if index == 0 else "last_layer" if index == len(candidates) - 1 else ""
         if edge:

@@ -47,7 +47,9 @@ class ObserverQuantizer(Quantizer):
     @torch.no_grad()
     def update_qparams(self) -> None:
         """Recompute scale and zero point from the observer's range."""
-        scale, zp = qparams_from_range(self.observer.min_val, self.observer.max_val, self.qmin, self.qmax, self.symmetric)
+        scale, zp = qparams_from_range(
+            self.observer.min_val, self.observer.max_val, self.qmin, self.qmax, self.symmetric
+        )
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
 

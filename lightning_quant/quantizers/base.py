@@ -138,7 +138,9 @@ class Quantizer(OptionalStateModule):
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        for t in list(self.parameters(recurse=False)) + [b for b in self.buffers(recurse=False) if b.is_floating_point()]:
+        for t in list(self.parameters(recurse=False)) + [
+            b for b in self.buffers(recurse=False) if b.is_floating_point()
+        ]:
             dist.all_reduce(t.data, op=dist.ReduceOp.SUM)
             t.data.div_(dist.get_world_size())
 

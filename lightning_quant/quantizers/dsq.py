@@ -54,5 +54,3 @@ class DSQQuantizer(Quantizer):
 
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lower.detach(), self.upper.detach()
-
-

@@ -48,7 +48,9 @@ def channel_view(x: torch.Tensor, granularity: Granularity, axis: int = 0, group
     return flat.reshape(-1, group_size)
 
 
-def num_groups(shape: torch.Size | tuple[int, ...], granularity: Granularity, axis: int = 0, group_size: int = 128) -> int:
+def num_groups(
+    shape: torch.Size | tuple[int, ...], granularity: Granularity, axis: int = 0, group_size: int = 128
+) -> int:
     """Number of scales a tensor of ``shape`` needs at this granularity."""
     if granularity == "per_tensor":
         return 1
