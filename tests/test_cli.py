@@ -22,45 +22,21 @@ def test_help_on_every_command():
         assert "usage: lightning-quant" in proc.stdout
 
 
+def run_quick_fit(tmp_path, recipe, *extra):
+    """The main job with one fine-tuning epoch and a 2-epoch float baseline cached under tmp_path/c."""
+    args = ["fit", "--recipe", recipe, "--epochs", "1", "--float-epochs", "2"]
+    main([*args, "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "logs"), *extra])
+
+
 def test_fit_main_job_prints_result_table(tmp_path, capsys):
-    main(
-        [
-            "fit",
-            "--recipe",
-            "minmax_w8a8",
-            "--epochs",
-            "1",
-            "--float-epochs",
-            "2",
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--output-dir",
-            str(tmp_path / "logs"),
-        ]
-    )
+    run_quick_fit(tmp_path, "minmax_w8a8")
     out = capsys.readouterr().out
     assert "test accuracy" in out
     assert "compression" in out
     assert "quantized (minmax_w8a8)" in out
     assert list((tmp_path / "c").glob("*.pt"))
     # second run loads the cached float baseline
-    main(
-        [
-            "fit",
-            "--recipe",
-            "minmax_w8a8",
-            "--epochs",
-            "1",
-            "--float-epochs",
-            "2",
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--output-dir",
-            str(tmp_path / "logs"),
-            "--set",
-            "weights.bits=6",
-        ]
-    )
+    run_quick_fit(tmp_path, "minmax_w8a8", "--set", "weights.bits=6")
     out = capsys.readouterr().out
     assert "loaded from" in out
     assert "6/8" in out
@@ -74,23 +50,6 @@ def test_fit_with_bad_recipe_fails_before_training(tmp_path):
 
 
 def test_fit_with_user_model_and_data_by_import_path(tmp_path, capsys):
-    main(
-        [
-            "fit",
-            "--recipe",
-            "lsq_w8a8",
-            "--epochs",
-            "1",
-            "--float-epochs",
-            "1",
-            "--cache-dir",
-            str(tmp_path),
-            "--model",
-            "lightning_quant.examples:ImageClassifier",
-            "--data",
-            "lightning_quant.examples.digits:DigitsDataModule",
-            "--output-dir",
-            str(tmp_path / "logs"),
-        ]
-    )
+    model, data = "lightning_quant.examples:ImageClassifier", "lightning_quant.examples.digits:DigitsDataModule"
+    run_quick_fit(tmp_path, "lsq_w8a8", "--model", model, "--data", data)
     assert "quantized (lsq_w8a8)" in capsys.readouterr().out

@@ -165,11 +165,9 @@ class QuantizationAwareTraining(Callback):
         if tensors:
             flat = torch.cat([t.detach().reshape(-1) for t in tensors])
             torch.distributed.broadcast(flat, src=0)
-            with torch.no_grad():
-                offset = 0
-                for t in tensors:
-                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                    offset += t.numel()
+            with torch.no_grad():  # copy back in place: parameters stay the objects the optimizer holds
+                for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                    t.copy_(part.view_as(t))
 
     # -- evaluation --------------------------------------------------------------------------------------
     def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

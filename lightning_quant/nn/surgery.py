@@ -26,6 +26,14 @@ from lightning_quant.quantizers import QuantizerConfig, build_quantizer
 from lightning_quant.quantizers.functional import num_groups
 from lightning_quant.quantizers.state import OptionalStateModule
 
+# Convs a following BatchNorm can fold into, float or already quantized.
+_FOLDABLE_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    *(QUANTIZED_CLASSES[c] for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
+)
+
 # Leaf modules with parameters that need no quantization of their own (normalisation, activations).
 _PASSIVE = (
     nn.modules.batchnorm._BatchNorm,
@@ -132,8 +140,7 @@ def _fold_pairs(model: nn.Module) -> dict[nn.Module, nn.modules.batchnorm._Batch
         children = list(parent.children())
         for a, b in zip(children, children[1:]):
             if (
-                type(a)
-                in (nn.Conv1d, nn.Conv2d, nn.Conv3d, *(QUANTIZED_CLASSES[c] for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+                type(a) in _FOLDABLE_CONVS
                 and type(b) in FOLDED_BN_CLASSES
                 and b.num_features == a.out_channels
                 and b.affine

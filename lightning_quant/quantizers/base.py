@@ -12,7 +12,13 @@ from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
-from lightning_quant.quantizers.functional import Granularity, broadcast_shape, channel_view, int_range
+from lightning_quant.quantizers.functional import (
+    Granularity,
+    average_across_ranks,
+    broadcast_shape,
+    channel_view,
+    int_range,
+)
 from lightning_quant.quantizers.state import OptionalStateModule
 
 Role = Literal["weight", "activation"]
@@ -134,15 +140,8 @@ class Quantizer(OptionalStateModule):
     @torch.no_grad()
     def sync(self) -> None:
         """Make range state identical on all DDP ranks (average of float state by default)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        for t in list(self.parameters(recurse=False)) + [
-            b for b in self.buffers(recurse=False) if b.is_floating_point()
-        ]:
-            dist.all_reduce(t.data, op=dist.ReduceOp.SUM)
-            t.data.div_(dist.get_world_size())
+        own = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+        average_across_ranks([t.data for t in own if t.is_floating_point()])
 
     def extra_repr(self) -> str:
         return f"{self.role}, bits={self.bits}, signed={bool(self.signed)}, {self.granularity}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
@@ -121,3 +122,18 @@ def broadcast_shape(x: torch.Tensor, granularity: Granularity, axis: int = 0) ->
     shape = [1] * x.dim()
     shape[axis] = -1
     return tuple(shape)
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def average_across_ranks(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor in place by its mean over DDP ranks (a no-op outside distributed runs)."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from lightning_quant.quantizers.functional import int_range, qparams_from_range
+from lightning_quant.quantizers.functional import average_across_ranks, int_range, is_distributed, qparams_from_range
 from lightning_quant.quantizers.state import OptionalStateModule
 
 # Above this many elements per row, percentile/MSE observers work on an evenly strided sample (speed).
@@ -26,10 +26,6 @@ _MAX_SAMPLE = 1 << 18
 def _sample(rows: torch.Tensor) -> torch.Tensor:
     step = max(1, math.ceil(rows.shape[1] / _MAX_SAMPLE))
     return rows[:, ::step]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class Observer(OptionalStateModule):
@@ -69,11 +65,7 @@ class Observer(OptionalStateModule):
     @torch.no_grad()
     def sync(self) -> None:
         """Average the range over DDP ranks (a no-op outside distributed runs)."""
-        if not _distributed():
-            return
-        for buf in (self.min_val, self.max_val):
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(dist.get_world_size())
+        average_across_ranks([self.min_val, self.max_val])
 
 
 class MinMaxObserver(Observer):
@@ -86,7 +78,7 @@ class MinMaxObserver(Observer):
     @torch.no_grad()
     def sync(self) -> None:
         """Global min and max over DDP ranks."""
-        if not _distributed():
+        if not is_distributed():
             return
         dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
         dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)

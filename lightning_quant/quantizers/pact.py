@@ -34,10 +34,9 @@ class PACTQuantizer(Quantizer):
         alpha = self.alpha.abs()
         if bool(self.signed):
             y = torch.minimum(torch.maximum(x, -alpha), alpha)
-            step = alpha.detach() / self.qmax
         else:
             y = torch.minimum(torch.relu(x), alpha)
-            step = alpha.detach() / self.qmax
+        step = alpha.detach() / self.qmax
         return round_ste(y / step) * step
 
     def scale_values(self) -> torch.Tensor:
