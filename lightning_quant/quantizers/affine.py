@@ -39,9 +39,10 @@ class ObserverQuantizer(Quantizer):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        if self.role == "weight":
-            self.observer.count.zero_()  # weights: the range of the current tensor, not a history
-        self.observer(self.rows(x))
+        if self.role == "weight":  # weights: the range of the current tensor, not a history
+            self.observer.reset_to(*self.observer.batch_range(self.rows(x)))
+        else:
+            self.observer(self.rows(x))
         self.update_qparams()
 
     @torch.no_grad()
@@ -51,7 +52,8 @@ class ObserverQuantizer(Quantizer):
             self.observer.min_val, self.observer.max_val, self.qmin, self.qmax, self.symmetric
         )
         self.scale.copy_(scale)
-        self.zero_point.copy_(zp)
+        if not self.symmetric:
+            self.zero_point.copy_(zp)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
+from lightning_quant.quantizers.functional import row_aminmax
 
 
 @register_quantizer("dsq")
@@ -30,7 +31,7 @@ class DSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(self.rows(x.detach()).float(), dim=1)
+        lo, hi = row_aminmax(self.rows(x))
         self.lower.copy_(lo)
         self.upper.copy_(torch.maximum(hi, lo + 1e-6))
 

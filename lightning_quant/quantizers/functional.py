@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from lightning_quant.quantizers import kernels
+
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
 
@@ -67,6 +69,18 @@ def num_groups(
     return numel // group_size
 
 
+def row_aminmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row minimum and maximum of a ``(groups, N)`` tensor, as float32 vectors of length ``groups``.
+
+    A single row uses the full reduction, which torch parallelises far better than a one-row ``dim=1``.
+    """
+    rows = rows.detach().float()
+    if rows.shape[0] == 1:
+        lo, hi = torch.aminmax(rows)
+        return lo.reshape(1), hi.reshape(1)
+    return torch.aminmax(rows, dim=1)
+
+
 def qparams_from_range(
     min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,19 +89,17 @@ def qparams_from_range(
     The range is widened to contain zero so that zero is exactly representable (padding, ReLU outputs).
     Symmetric signed codes get a zero point of 0; symmetric unsigned codes (``qmin == 0``) cover ``[0, max]``.
     """
-    min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
-    max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    lo = min_val.float().clamp(max=0.0)
+    hi = max_val.float().clamp(min=0.0)
     eps = torch.finfo(torch.float32).eps
     if symmetric:
         if qmin < 0:
-            bound = torch.maximum(-min_val, max_val)
-            scale = bound / ((qmax - qmin) / 2)
+            scale = torch.maximum(-lo, hi).div_((qmax - qmin) / 2)
         else:
-            scale = max_val / qmax
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        return scale.clamp_min(eps), zero_point
-    scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(eps)
-    zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int32)
+            scale = hi / qmax
+        return scale.clamp_min_(eps), torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min_(eps)
+    zero_point = (qmin - torch.round(lo / scale)).clamp_(qmin, qmax).to(torch.int32)
     return scale, zero_point
 
 
@@ -106,11 +118,18 @@ def fake_quantize(
     ``scale`` has one entry per group as given by :func:`num_groups`. Per-group quantization runs the
     per-channel kernel on a ``(groups, group_size)`` view, so no hand-written autograd is needed.
     """
+    fused = kernels.applies(x)
     if granularity == "per_tensor":
+        if fused:
+            return kernels.affine_fake_quant(x, scale, zero_point, qmin, qmax, None)
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
     if granularity == "per_channel":
+        if fused:
+            return kernels.affine_fake_quant(x, scale, zero_point, qmin, qmax, axis)
         return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
     view = channel_view(x, "per_group", group_size=group_size)
+    if fused:
+        return kernels.affine_fake_quant(view, scale, zero_point, qmin, qmax, 0).reshape(x.shape)
     out = torch.fake_quantize_per_channel_affine(view, scale, zero_point, 0, qmin, qmax)
     return out.reshape(x.shape)
 

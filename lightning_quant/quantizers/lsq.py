@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
+from lightning_quant.quantizers import kernels
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
-from lightning_quant.quantizers.functional import grad_scale, round_ste
+from lightning_quant.quantizers.functional import grad_scale, round_ste, row_aminmax
 
 
 @register_quantizer("lsq")
@@ -32,7 +33,7 @@ class LSQQuantizer(Quantizer):
     def initialize(self, x: torch.Tensor) -> None:
         rows = self.rows(x.detach()).float()
         if self.offset is not None:
-            lo, hi = torch.aminmax(rows, dim=1)
+            lo, hi = row_aminmax(rows)
             step = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-8)
             self.scale.copy_(step)
             self.offset.copy_(lo - self.qmin * step)
@@ -43,6 +44,11 @@ class LSQQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         per_step = x.numel() // self.num_groups if self.role == "weight" else x[0].numel()
         g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))
+        if self.offset is None and kernels.applies(x):
+            axis = None if self.granularity == "per_tensor" else self.axis
+            if self.granularity == "per_group":
+                return kernels.lsq_fake_quant(self.rows(x), self.scale, g, self.qmin, self.qmax, 0).reshape(x.shape)
+            return kernels.lsq_fake_quant(x, self.scale, g, self.qmin, self.qmax, axis)
 
         def fq(v: torch.Tensor) -> torch.Tensor:
             s = self.per_group(grad_scale(self.scale, g), v)

@@ -16,7 +16,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from lightning_quant.quantizers.functional import average_across_ranks, int_range, is_distributed, qparams_from_range
+from lightning_quant.quantizers.functional import (
+    average_across_ranks,
+    int_range,
+    is_distributed,
+    qparams_from_range,
+    row_aminmax,
+)
 from lightning_quant.quantizers.state import OptionalStateModule
 
 # Above this many elements per row, percentile/MSE observers work on an evenly strided sample (speed).
@@ -44,13 +50,20 @@ class Observer(OptionalStateModule):
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Range estimate from one batch; subclasses refine it."""
-        return torch.aminmax(rows.detach().float(), dim=1)
+        return row_aminmax(rows)
 
     @torch.no_grad()
     def forward(self, rows: torch.Tensor) -> None:
         lo, hi = self.batch_range(rows)
         self.combine(lo, hi)
         self.count += 1
+
+    @torch.no_grad()
+    def reset_to(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Forget the history and hold exactly ``[lo, hi]`` (weights are re-observed from scratch each step)."""
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.count.fill_(1)
 
     def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Merge one batch's range into the running range: here a running mean of batch estimates."""
@@ -130,7 +143,7 @@ class MSEObserver(Observer):
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = _sample(rows.detach().float())
-        lo0, hi0 = torch.aminmax(rows, dim=1)
+        lo0, hi0 = row_aminmax(rows)
         qmin, qmax = int_range(self.bits, self.signed and bool((lo0 < 0).any()))
         best_err = torch.full_like(lo0, float("inf"))
         best_lo, best_hi = lo0.clone(), hi0.clone()
