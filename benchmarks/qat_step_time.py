@@ -58,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--models", default="digits,resnet20", help="comma list: digits, resnet20")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -66,8 +67,10 @@ def main() -> None:
         "digits CNN (batch 64, 1x8x8)": (DigitsCNN(), torch.randn(64, 1, 8, 8)),
         "ResNet-20 (batch 128, 3x32x32)": (resnet20(), torch.randn(128, 3, 32, 32)),
     }
+    wanted = {"digits": "digits CNN (batch 64, 1x8x8)", "resnet20": "ResNet-20 (batch 128, 3x32x32)"}
+    cases = {wanted[k]: cases[wanted[k]] for k in args.models.split(",")}
     modes = [False] if args.no_compile else [False, True]
-    print(header("python benchmarks/qat_step_time.py" + (" --no-compile" if args.no_compile else "")))
+    print(header("python benchmarks/qat_step_time.py " + " ".join(sys.argv[1:])))
     print("\n| model | mode | variant | step time / float step (median) | min–max |")
     print("|---|---|---|---|---|")
     for label, (net, x) in cases.items():

@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_quant.algorithms import ALGORITHMS, PTQConfig
 from lightning_quant.nn.modules import TYPE_NAMES
 from lightning_quant.nn.surgery import LayerOverride, LayerSelection
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
@@ -79,6 +80,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    ptq: PTQConfig = field(default_factory=PTQConfig)  # post-training settings (kind: ptq)
     source: str = ""  # where it was loaded from (filled in by the loader)
 
     def to_yaml(self) -> str:
@@ -94,7 +96,7 @@ class Recipe:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_KINDS = ("qat",)
+_KINDS = ("qat", "ptq")
 _EDGE_RULES = ("float", "8bit", "same")
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -287,6 +289,7 @@ def validate_recipe(recipe: Recipe) -> None:
     _check(tr.epochs >= 1, src, "training.epochs", tr.epochs, "must be >= 1")
     _check(tr.lr > 0, src, "training.lr", tr.lr, "must be positive")
     _check(tr.batch_size >= 1, src, "training.batch_size", tr.batch_size, "must be >= 1")
+    _validate_ptq(recipe, src)
     _check(
         recipe.diagnostics.every_n_steps >= 0,
         src,
@@ -294,6 +297,42 @@ def validate_recipe(recipe: Recipe) -> None:
         recipe.diagnostics.every_n_steps,
         "must be >= 0",
     )
+
+
+def _validate_ptq(recipe: Recipe, src: str) -> None:
+    ptq = recipe.ptq
+    _check(ptq.algorithm in ALGORITHMS, src, "ptq.algorithm", ptq.algorithm, f"allowed: {sorted(ALGORITHMS)}")
+    _check(ptq.num_samples >= 1, src, "ptq.num_samples", ptq.num_samples, "must be >= 1")
+    _check(ptq.dataloader in ("train", "val"), src, "ptq.dataloader", ptq.dataloader, "allowed: train, val")
+    _check(ptq.iters >= 0, src, "ptq.iters", ptq.iters, "must be >= 0")
+    _check(ptq.act_iters is None or ptq.act_iters >= 0, src, "ptq.act_iters", ptq.act_iters, "must be >= 0")
+    _check(ptq.batch_size >= 1, src, "ptq.batch_size", ptq.batch_size, "must be >= 1")
+    _check(0 <= ptq.drop_prob < 1, src, "ptq.drop_prob", ptq.drop_prob, "allowed: 0 <= drop_prob < 1")
+    _check(0 <= ptq.warmup < 1, src, "ptq.warmup", ptq.warmup, "allowed: 0 <= warmup < 1")
+    _check(ptq.sweeps >= 1, src, "ptq.sweeps", ptq.sweeps, "must be >= 1")
+    _check(ptq.cache_limit_mb > 0, src, "ptq.cache_limit_mb", ptq.cache_limit_mb, "must be positive")
+    for key in ("weight_lr", "act_lr"):
+        _check(getattr(ptq, key) > 0, src, f"ptq.{key}", getattr(ptq, key), "must be positive")
+    if recipe.kind != "ptq":
+        _check(ptq.algorithm == "none", src, "ptq.algorithm", ptq.algorithm, "a reconstruction needs kind: ptq")
+        return
+    for key, cfg in (("weights", recipe.weights), ("activations", recipe.activations)):
+        _check(
+            cfg.method == "observer",
+            src,
+            f"{key}.method",
+            cfg.method,
+            "post-training quantization calibrates fixed grids: allowed: observer",
+        )
+    if ptq.algorithm == "bitsplit":
+        w = recipe.weights
+        _check(
+            w.granularity == "per_channel" and w.symmetric and w.bits >= 2,
+            src,
+            "weights",
+            f"{w.granularity}, symmetric={w.symmetric}, bits={w.bits}",
+            "bitsplit needs per_channel symmetric weights of 2 bits or more",
+        )
 
 
 __all__ = [

@@ -1,5 +1,6 @@
 """Lightning callbacks that quantize a LightningModule."""
 
+from lightning_quant.callbacks.ptq import PostTrainingQuantization
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 
-__all__ = ["QuantizationAwareTraining"]
+__all__ = ["PostTrainingQuantization", "QuantizationAwareTraining"]

@@ -6,34 +6,18 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from typing_extensions import override
 
+from lightning_quant.callbacks.base import RecipeCallback, _quantizers
 from lightning_quant.callbacks.diagnostics import ActivationRecorder, log_metrics, log_plots, weight_metrics
-from lightning_quant.nn import QuantizationReport, quantize_model, quantized_layers, set_bn_frozen, summarize
-from lightning_quant.quantizers import ObserverQuantizer, Quantizer
-from lightning_quant.recipes import Recipe, RecipeError, load_recipe
-
-_CKPT_KEY = "lightning_quant"
+from lightning_quant.nn import quantized_layers, set_bn_frozen, summarize
+from lightning_quant.quantizers import ObserverQuantizer
+from lightning_quant.recipes import Recipe
 
 
-def _quantizers(model: torch.nn.Module) -> list[Quantizer]:
-    return [m for m in model.modules() if isinstance(m, Quantizer)]
-
-
-def _quantizer_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys that belong to quantizers (their parameters and buffers)."""
-    keys: set[str] = set()
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, Quantizer):
-            keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
-    return keys
-
-
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(RecipeCallback):
     """Fake-quantize a LightningModule's layers during training, as a recipe says.
 
     The layers are swapped in ``setup()`` (before checkpoint restore and ``configure_optimizers``), so
@@ -51,6 +35,8 @@ class QuantizationAwareTraining(Callback):
         activation_bits: shortcut for ``activations.bits=...``.
     """
 
+    kinds = ("qat",)
+
     def __init__(
         self,
         recipe: Union[str, dict, DictConfig, Recipe] = "lsq_w8a8",
@@ -58,43 +44,15 @@ class QuantizationAwareTraining(Callback):
         weight_bits: Optional[int] = None,
         activation_bits: Optional[int] = None,
     ) -> None:
-        extra = list(overrides or [])
-        if weight_bits is not None:
-            extra.append(f"weights.bits={weight_bits}")
-        if activation_bits is not None:
-            extra.append(f"activations.bits={activation_bits}")
-        try:
-            self.recipe = load_recipe(recipe, extra)
-        except RecipeError as err:
-            raise MisconfigurationException(str(err)) from err
-        if self.recipe.kind != "qat":
-            raise MisconfigurationException(
-                f"{self.recipe.source}: kind={self.recipe.kind!r} is not a QAT recipe; use the matching callback"
-            )
-        self.report: Optional[QuantizationReport] = None
+        super().__init__(recipe, overrides, weight_bits, activation_bits)
         self.quant_steps = 0  # training steps taken with quantization on
         self._active = False
         self._warned_uninitialized = False
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(recipe=self.recipe.name)
-
     # -- model preparation -------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        already = bool(quantized_layers(pl_module))
-        self.report = quantize_model(pl_module, self.recipe.weights, self.recipe.activations, self.recipe.layers)
-        for msg in self.report.warnings:
-            rank_zero_warn(msg)
-        if not self.report.quantized:
-            raise MisconfigurationException(
-                f"{self.recipe.source}: no layer of {type(pl_module).__name__} matched layers.types="
-                f"{self.recipe.layers.types} / include={self.recipe.layers.include}; nothing would be quantized"
-            )
-        if self.recipe.diagnostics.summary and not already:
-            rank_zero_info(f"lightning-quant: recipe {self.recipe.name!r}\n{self.report.table()}")
+        self.prepare(pl_module)
         # Quantizers stay off until the first training batch (fit) or the evaluation loop starts, so that
         # sanity checks and example-input forwards (model summaries) do not initialise ranges from dummy data.
         self._set_flags(pl_module, enabled=False, observing=False)
@@ -243,42 +201,3 @@ class QuantizationAwareTraining(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_fingerprint(state_dict.get("fingerprint"), state_dict.get("recipe", ""))
         self.quant_steps = int(state_dict.get("quant_steps", 0))
-
-    def _check_fingerprint(self, fingerprint: Optional[str], recipe_yaml: str) -> None:
-        if fingerprint is not None and fingerprint != self.recipe.fingerprint():
-            raise MisconfigurationException(
-                f"lightning-quant: the checkpoint was made with a different recipe than {self.recipe.name!r} "
-                f"({self.recipe.source}); its weights/activations/layers settings differ. The checkpoint's "
-                f"recipe was:\n{recipe_yaml}"
-            )
-
-    @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        state = checkpoint.get("state_dict", {})
-        keys = _quantizer_keys(pl_module)
-        checkpoint[_CKPT_KEY] = {
-            "fingerprint": self.recipe.fingerprint(),
-            "recipe": self.recipe.to_yaml(),
-            "quantizer_state": {k: state.pop(k) for k in list(state) if k in keys},
-        }
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        saved = checkpoint.get(_CKPT_KEY)
-        if saved is None:
-            return
-        self._check_fingerprint(saved.get("fingerprint"), saved.get("recipe", ""))
-        quant_state = saved["quantizer_state"]
-        expected = _quantizer_keys(pl_module)
-        missing = sorted(expected - set(quant_state))
-        if missing:
-            raise MisconfigurationException(f"lightning-quant: checkpoint lacks quantizer state for {missing[:5]}")
-        modules = dict(pl_module.named_modules(remove_duplicate=False))
-        for prefix, module in modules.items():
-            if isinstance(module, Quantizer):
-                own = {k[len(prefix) + 1 :]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
-                module.load_state_dict(own, strict=True)

@@ -25,9 +25,13 @@ class QuantizedLayer(nn.Module):
     weight_quantizer: Optional[Quantizer]
     input_quantizer: Optional[Quantizer]
 
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The tensor the weight quantizer receives (the weight, or the weight with a BatchNorm folded in)."""
+        return self.weight  # type: ignore[return-value]
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the quantized model sees it."""
-        w: torch.Tensor = self.weight  # type: ignore[assignment]
+        w = self.weight_to_quantize()
         return self.weight_quantizer(w) if self.weight_quantizer is not None else w
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +58,22 @@ class _QuantConvNd(QuantizedLayer):
             return self._conv_forward(xq, self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
         return self._folded_forward(xq)
 
+    def _fold_factor(self) -> torch.Tensor:
+        """Per-output-channel ``gamma / sqrt(running_var + eps)`` of the folded BatchNorm."""
+        bn = self.folded_bn
+        assert bn is not None
+        assert bn.running_var is not None
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        return gamma / torch.sqrt(bn.running_var + bn.eps)
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        weight: torch.Tensor = self.weight  # type: ignore[assignment]
+        if self.folded_bn is None:
+            return weight
+        shape = [1] * weight.dim()
+        shape[0] = -1
+        return weight * self._fold_factor().reshape(shape)
+
     def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Conv + BatchNorm with the BN scale folded into the quantized weight (Jacob et al., 2018).
 
@@ -64,14 +84,10 @@ class _QuantConvNd(QuantizedLayer):
         assert bn is not None
         assert bn.running_var is not None
         assert bn.running_mean is not None
-        weight: torch.Tensor = self.weight  # type: ignore[assignment]
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
-        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-        wshape = [1] * weight.dim()
-        wshape[0] = -1
-        folded = weight * factor.reshape(wshape)
-        wq = self.weight_quantizer(folded) if self.weight_quantizer is not None else folded
+        factor = self._fold_factor()
+        wq = self.quantized_weight()
         y = self._conv_forward(x, wq, None)  # type: ignore[attr-defined]
         oshape = [1] * y.dim()
         oshape[1] = -1

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any, Optional
+
 import torch
+from torch import nn
 
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
-from lightning_quant.quantizers.functional import fake_quantize, qparams_from_range
+from lightning_quant.quantizers.functional import fake_quantize, qparams_from_range, round_ste
 from lightning_quant.quantizers.observers import build_observer
 
 
@@ -14,7 +18,11 @@ class ObserverQuantizer(Quantizer):
     """Uniform affine fake quantization whose range comes from an observer (min-max, EMA, percentile, MSE).
 
     Weights are re-observed on every training step (their current range); activations accumulate as the
-    observer defines. Once ``observer_enabled`` is off the scale is frozen. Example::
+    observer defines. Once ``observer_enabled`` is off the scale is frozen. Post-training quantization
+    adds three things: ``learn_scale(True)`` makes the step a parameter trained LSQ-style (BRECQ/QDrop),
+    ``drop_prob`` keeps a random part of the elements in float while training (QDrop), and ``set_codes``
+    fixes a weight's integer codes (AdaRound's learned rounding, Bit-Split's stitched planes), which are
+    then used instead of rounding the float weight. Example::
 
         q = ObserverQuantizer(QuantizerConfig(bits=8, observer="ema"), role="activation")
         y = q(x)
@@ -33,6 +41,47 @@ class ObserverQuantizer(Quantizer):
         self.symmetric = cfg.symmetric
         self.register_buffer("scale", torch.ones(num_groups))
         self.register_buffer("zero_point", torch.zeros(num_groups, dtype=torch.int32))
+        self.register_buffer("codes", torch.zeros(0, dtype=torch.int8))  # fixed integer weight codes, if set
+        self.drop_prob = 0.0
+        self.rounding: Optional[nn.Module] = None  # AdaRound while it is being learned
+
+    # -- post-training extras ------------------------------------------------------------------------------
+    def learn_scale(self, enable: bool) -> None:
+        """Turn the step into a trainable parameter (LSQ gradient) or back into a fixed buffer."""
+        value = self.scale.detach().clone()
+        del self.scale
+        if enable:
+            self.scale = nn.Parameter(value)
+        else:
+            self.register_buffer("scale", value)
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Fix the integer codes of the weight (shape of the weight, values within ``[qmin, qmax]``)."""
+        if codes.min() < self.qmin or codes.max() > self.qmax:
+            raise ValueError(f"codes outside [{self.qmin}, {self.qmax}]")
+        self.codes = codes.to(torch.int8)
+
+    def integer_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer codes this quantizer gives ``w`` (the fixed ones if set), zero point included."""
+        if self.codes.numel():
+            return self.codes.float()
+        zp = self.per_group(self.zero_point.float(), self.rows(w) if self.granularity == "per_group" else w)
+        s = self.per_group(self.scale.detach(), self.rows(w) if self.granularity == "per_group" else w)
+        v = self.rows(w) if self.granularity == "per_group" else w
+        return torch.clamp(torch.round(v.detach() / s) + zp, self.qmin, self.qmax).reshape(w.shape)
+
+    def finalize_calibration(self) -> None:
+        """End of calibration: let the observer settle its final range and recompute the qparams."""
+        if self.observer.has_range:
+            self.observer.finalize()
+            self.update_qparams()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        codes = state_dict.get(prefix + "codes")
+        if codes is not None and codes.shape != self.codes.shape:
+            self.codes = torch.zeros_like(codes)  # size the buffer to the saved codes before loading
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def initialize(self, x: torch.Tensor) -> None:
         self.observe(x)
@@ -56,9 +105,32 @@ class ObserverQuantizer(Quantizer):
             self.zero_point.copy_(zp)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(
-            x, self.scale, self.zero_point, self.qmin, self.qmax, self.granularity, self.axis, self.group_size
-        )
+        if self.rounding is not None:
+            return self.rounding(x)
+        if self.codes.numel():
+            out = self.apply_rows(
+                self.codes.float(), lambda c: (c - self.per_group(self.zero_point, c)) * self.per_group(self.scale, c)
+            )
+            return out.to(x.dtype)
+        if isinstance(self.scale, nn.Parameter):
+            out = self.apply_rows(x, self._learned_step)
+        else:
+            out = fake_quantize(
+                x, self.scale, self.zero_point, self.qmin, self.qmax, self.granularity, self.axis, self.group_size
+            )
+        if self.drop_prob > 0 and self.training:
+            keep_float = torch.rand_like(x) < self.drop_prob
+            out = torch.where(keep_float, x, out)
+        return out
+
+    def _learned_step(self, v: torch.Tensor) -> torch.Tensor:
+        """LSQ fake quantization with this quantizer's (fixed) zero point and a trainable step."""
+        per_step = v.numel() // self.num_groups if self.role == "weight" else v[0].numel()
+        g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))
+        s = self.per_group(self.scale, v)
+        s = s * g + (s - s * g).detach()  # gradient scaled by g, value unchanged
+        zp = self.per_group(self.zero_point.float(), v)
+        return (torch.clamp(round_ste(v / s) + zp, self.qmin, self.qmax) - zp) * s
 
     def scale_values(self) -> torch.Tensor:
         return self.scale.detach()

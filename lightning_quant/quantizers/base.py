@@ -70,6 +70,7 @@ class Quantizer(OptionalStateModule):
         self.num_groups = num_groups
         self.fake_quant_enabled = True
         self.observer_enabled = True
+        self.calibrating = False  # with fake quantization off: still observe (post-training calibration)
         signed = cfg.signed if cfg.signed is not None else (True if role == "weight" else None)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed", torch.tensor(bool(signed)))
@@ -90,7 +91,18 @@ class Quantizer(OptionalStateModule):
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
+            if self.calibrating:  # post-training calibration: gather ranges, pass the float tensor on
+                self._see(x, always=True)
             return x
+        self._see(x, always=False)
+        return self.quantize(x)
+
+    def _see(self, x: torch.Tensor, always: bool) -> None:
+        """Initialise from the first tensor, then observe while observing is on.
+
+        Observation happens in training, or with ``always`` (calibration) for activations; a weight does not
+        change during calibration, so its first observation stands.
+        """
         if not self._initialized:
             with torch.no_grad():
                 if self._auto_sign:
@@ -98,9 +110,8 @@ class Quantizer(OptionalStateModule):
                 self.initialize(x)
             self.initialized.fill_(True)
             self._initialized = True
-        elif self.observer_enabled and self.training:
+        elif self.observer_enabled and (self.training or (always and self.role != "weight")):
             self.observe(x)
-        return self.quantize(x)
 
     def initialize(self, x: torch.Tensor) -> None:
         """Set the range state from the first tensor seen."""

@@ -118,6 +118,8 @@ def fake_quantize(
     ``scale`` has one entry per group as given by :func:`num_groups`. Per-group quantization runs the
     per-channel kernel on a ``(groups, group_size)`` view, so no hand-written autograd is needed.
     """
+    if torch.compiler.is_compiling():
+        return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, granularity, axis, group_size)
     fused = kernels.applies(x)
     if granularity == "per_tensor":
         if fused:
@@ -131,6 +133,29 @@ def fake_quantize(
     if fused:
         return kernels.affine_fake_quant(view, scale, zero_point, qmin, qmax, 0).reshape(x.shape)
     out = torch.fake_quantize_per_channel_affine(view, scale, zero_point, 0, qmin, qmax)
+    return out.reshape(x.shape)
+
+
+def _traceable_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    granularity: Granularity,
+    axis: int,
+    group_size: int,
+) -> torch.Tensor:
+    """The fused kernels' arithmetic as plain pointwise ops, which ``torch.compile`` fuses with its neighbours.
+
+    Same values (``round(x * (1/s)) + zp``) and the same straight-through gradient: clamp passes the
+    gradient only where the rounded code is inside ``[qmin, qmax]``.
+    """
+    view = channel_view(x, "per_group", group_size=group_size) if granularity == "per_group" else x
+    shape = (-1, 1) if granularity == "per_group" else broadcast_shape(x, granularity, axis)
+    s = scale.detach().reshape(shape)
+    zp = zero_point.detach().to(s.dtype).reshape(shape)
+    out = (torch.clamp(round_ste(view * (1.0 / s)) + zp, qmin, qmax) - zp) * s
     return out.reshape(x.shape)
 
 

@@ -42,11 +42,18 @@ class Observer(OptionalStateModule):
         self.register_buffer("min_val", torch.full((num_groups,), float("inf")))
         self.register_buffer("max_val", torch.full((num_groups,), float("-inf")))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._has_range = False  # Python copy of count > 0: no tensor-to-bool sync (nor graph break) per step
 
     @property
     def has_range(self) -> bool:
         """True once at least one tensor was observed."""
-        return bool(self.count > 0)
+        return self._has_range
+
+    def _after_load(self) -> None:
+        self._has_range = bool(self.count > 0)
+
+    def finalize(self) -> None:
+        """Turn accumulated statistics into the final range (end of calibration; most observers: nothing)."""
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Range estimate from one batch; subclasses refine it."""
@@ -57,6 +64,7 @@ class Observer(OptionalStateModule):
         lo, hi = self.batch_range(rows)
         self.combine(lo, hi)
         self.count += 1
+        self._has_range = True
 
     @torch.no_grad()
     def reset_to(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -64,6 +72,7 @@ class Observer(OptionalStateModule):
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
         self.count.fill_(1)
+        self._has_range = True
 
     def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Merge one batch's range into the running range: here a running mean of batch estimates."""
@@ -140,10 +149,47 @@ class MSEObserver(Observer):
     ) -> None:
         super().__init__(num_groups)
         self.bits, self.signed, self.p, self.candidates = bits, signed, p, candidates
+        self.deferred = False  # calibration: keep a sample of every batch, search once in finalize()
+        self._kept: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def forward(self, rows: torch.Tensor) -> None:
+        if not self.deferred:
+            super().forward(rows)
+            return
+        rows = rows.detach().float()
+        per_batch = max(1, _MAX_SAMPLE // 16)  # about 16 batches' worth of samples fill the budget
+        step = max(1, math.ceil(rows.shape[1] / per_batch))
+        self._kept.append(rows[:, ::step])
+        lo, hi = row_aminmax(rows)
+        if self.has_range:
+            torch.minimum(self.min_val, lo, out=self.min_val)
+            torch.maximum(self.max_val, hi, out=self.max_val)
+        else:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+        self.count += 1
+        self._has_range = True
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Deferred mode: one search over the kept samples of all batches, within the overall min/max."""
+        if not self._kept:
+            return
+        kept = _sample(torch.cat(self._kept, dim=1))
+        self._kept = []
+        self.deferred = False
+        lo, hi = self._search(kept, self.min_val.clone(), self.max_val.clone())
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = _sample(rows.detach().float())
         lo0, hi0 = row_aminmax(rows)
+        return self._search(rows, lo0, hi0)
+
+    def _search(self, rows: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shrink ``[lo0, hi0]`` by each candidate ratio and keep the one of least L_p error on ``rows``."""
         qmin, qmax = int_range(self.bits, self.signed and bool((lo0 < 0).any()))
         best_err = torch.full_like(lo0, float("inf"))
         best_lo, best_hi = lo0.clone(), hi0.clone()
@@ -161,11 +207,98 @@ class MSEObserver(Observer):
         return best_lo, best_hi
 
 
+class HistogramObserver(Observer):
+    """Entropy (KL) calibration, TensorRT style: a histogram of ``|x|`` and the clip that keeps it most similar.
+
+    ``forward`` only accumulates a ``bins``-bin histogram of absolute values (re-binned when the range
+    grows), which costs about one extra pass over each tensor. ``finalize`` then tries each clip threshold
+    ``i`` (from ``2^(bits-1)`` bins up), folds the clipped tail into the last kept bin, quantizes the kept
+    histogram to the code's levels, and keeps the threshold of least KL divergence. Per tensor only.
+    """
+
+    def __init__(self, num_groups: int = 1, bits: int = 8, signed: bool = True, bins: int = 2048) -> None:
+        super().__init__(num_groups)
+        if num_groups != 1:
+            raise ValueError("the KL (histogram) observer is per tensor only")
+        self.bits, self.signed, self.bins = bits, signed, bins
+        self.register_buffer("histogram", torch.zeros(bins))
+        self.register_buffer("hist_max", torch.zeros(()))
+
+    @torch.no_grad()
+    def forward(self, rows: torch.Tensor) -> None:
+        flat = rows.detach().float().reshape(-1)
+        lo, hi = torch.aminmax(flat)
+        bound = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8)
+        if self.has_range:
+            self.min_val.clamp_(max=lo)
+            self.max_val.clamp_(min=hi)
+        else:
+            self.min_val.fill_(lo)
+            self.max_val.fill_(hi)
+        if bool(bound > self.hist_max):
+            self._rebin(float(bound))
+        top = float(self.hist_max)
+        self.histogram += torch.histc(flat.abs(), bins=self.bins, min=0.0, max=top)
+        self.count += 1
+        self._has_range = True
+
+    def _rebin(self, new_max: float) -> None:
+        """Spread the counts of the old histogram over a wider range ``[0, new_max]``."""
+        old_max = float(self.hist_max)
+        if old_max > 0 and bool(self.histogram.sum() > 0):
+            centers = (torch.arange(self.bins, device=self.histogram.device) + 0.5) * (old_max / self.bins)
+            idx = (centers / new_max * self.bins).long().clamp_(max=self.bins - 1)
+            moved = torch.zeros_like(self.histogram).index_add_(0, idx, self.histogram)
+            self.histogram.copy_(moved)
+        self.hist_max.fill_(new_max)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        if not self.has_range or float(self.histogram.sum()) == 0:
+            return
+        hist = self.histogram.double()
+        levels = 2 ** (self.bits - 1) if (self.signed and float(self.min_val) < 0) else 2**self.bits
+        levels = min(levels, self.bins)
+        best_i, best_kl = self.bins, float("inf")
+        for i in range(levels, self.bins + 1, max(1, (self.bins - levels) // 256)):
+            ref = hist[:i].clone()
+            ref[-1] += hist[i:].sum()
+            # quantize the kept bins to `levels` buckets, spreading each bucket's mass over its non-empty bins
+            edges = torch.div(torch.arange(i, device=hist.device) * levels, i, rounding_mode="floor")
+            mass = torch.zeros(levels, dtype=hist.dtype, device=hist.device).index_add_(0, edges, hist[:i])
+            nonzero = (hist[:i] > 0).double()
+            support = torch.zeros_like(mass).index_add_(0, edges, nonzero)
+            cand = torch.where(nonzero > 0, mass[edges] / support[edges].clamp_min(1), torch.zeros_like(ref))
+            p = ref / ref.sum()
+            q = cand / cand.sum().clamp_min(1e-12)
+            mask = p > 0
+            kl = float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())
+            if kl < best_kl:
+                best_kl, best_i = kl, i
+        threshold = (best_i + 0.5) * float(self.hist_max) / self.bins
+        self.max_val.clamp_(max=threshold)
+        self.min_val.clamp_(min=-threshold)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Sum histograms over DDP ranks (same range first), global min/max."""
+        if not is_distributed():
+            return
+        top = self.hist_max.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        if bool(top > self.hist_max):
+            self._rebin(float(top))
+        dist.all_reduce(self.histogram, op=dist.ReduceOp.SUM)
+        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
+        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
+
+
 _OBSERVERS: dict[str, Callable[..., Observer]] = {
     "minmax": MinMaxObserver,
     "ema": EMAObserver,
     "percentile": PercentileObserver,
     "mse": MSEObserver,
+    "kl": HistogramObserver,
 }
 
 
@@ -192,4 +325,6 @@ def build_observer(
         return PercentileObserver(num_groups, percentile=percentile)
     if name == "mse":
         return MSEObserver(num_groups, bits=bits, signed=signed)
+    if name == "kl":
+        return HistogramObserver(num_groups, bits=bits, signed=signed)
     return _OBSERVERS[name](num_groups)

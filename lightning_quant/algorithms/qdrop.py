@@ -1,0 +1,35 @@
+"""QDrop (Wei et al., ICLR 2022): BRECQ's blocks with rounding and activation steps learned jointly while
+activation quantization is randomly dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from torch import nn
+
+from lightning_quant.algorithms.capture import RunBatch
+from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, reconstruct
+from lightning_quant.algorithms.registry import register_algorithm
+
+
+@register_algorithm("qdrop")
+def qdrop(
+    model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
+) -> dict[str, list[float]]:
+    """While a block trains, each element of its input and of its activation quantizers' outputs stays
+    float with probability ``drop_prob`` (input: the float model's value); the target is the float block
+    output. Afterwards the block's rounding is hardened and it is always quantized."""
+    return reconstruct(
+        model,
+        batches,
+        run_batch,
+        cfg,
+        stage="joint",
+        blocks=True,
+        learn_weights=True,
+        learn_activations=True,
+        activations_on=True,
+        drop_prob=cfg.drop_prob,
+        progress=progress,
+    )

@@ -1,0 +1,148 @@
+"""What the recipe-driven callbacks share: recipe loading, model surgery in ``setup`` and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
+from typing_extensions import override
+
+from lightning_quant.nn import QuantizationReport, quantize_model, quantized_layers
+from lightning_quant.quantizers import Quantizer
+from lightning_quant.recipes import Recipe, RecipeError, load_recipe
+
+_CKPT_KEY = "lightning_quant"
+
+
+def _quantizers(model: torch.nn.Module) -> list[Quantizer]:
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+def _quantizer_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys that belong to quantizers (their parameters and buffers)."""
+    keys: set[str] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Quantizer):
+            keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
+    return keys
+
+
+class RecipeCallback(Callback):
+    """Base class: loads and checks the recipe, swaps layers in ``setup`` and carries quantizer state.
+
+    Checkpoints keep the float model's keys in ``state_dict`` (so ``YourModule.load_from_checkpoint``
+    works on the plain class) and the quantizer state under ``checkpoint["lightning_quant"]``, which
+    ``on_load_checkpoint`` restores after checking that the recipe matches.
+    """
+
+    kinds: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        recipe: Union[str, dict, DictConfig, Recipe],
+        overrides: Optional[list[str]] = None,
+        weight_bits: Optional[int] = None,
+        activation_bits: Optional[int] = None,
+    ) -> None:
+        extra = list(overrides or [])
+        if weight_bits is not None:
+            extra.append(f"weights.bits={weight_bits}")
+        if activation_bits is not None:
+            extra.append(f"activations.bits={activation_bits}")
+        try:
+            self.recipe = load_recipe(recipe, extra)
+        except RecipeError as err:
+            raise MisconfigurationException(str(err)) from err
+        self.check_recipe(self.recipe)
+        self.report: Optional[QuantizationReport] = None
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Refuse recipes this callback cannot run (before anything else happens)."""
+        if recipe.kind not in self.kinds:
+            raise MisconfigurationException(
+                f"{recipe.source}: kind={recipe.kind!r} is not allowed for {type(self).__name__}; "
+                f"allowed: {list(self.kinds)}"
+            )
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(recipe=self.recipe.name)
+
+    def prepare(self, pl_module: pl.LightningModule) -> bool:
+        """Swap the recipe's layers for quantized ones; returns True if they were already swapped."""
+        already = bool(quantized_layers(pl_module))
+        self.report = quantize_model(pl_module, self.recipe.weights, self.recipe.activations, self.recipe.layers)
+        for msg in self.report.warnings:
+            rank_zero_warn(msg)
+        if not self.report.quantized:
+            raise MisconfigurationException(
+                f"{self.recipe.source}: no layer of {type(pl_module).__name__} matched layers.types="
+                f"{self.recipe.layers.types} / include={self.recipe.layers.include}; nothing would be quantized"
+            )
+        if self.recipe.diagnostics.summary and not already:
+            rank_zero_info(f"lightning-quant: recipe {self.recipe.name!r}\n{self.report.table()}")
+        return already
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _check_fingerprint(self, fingerprint: Optional[str], recipe_yaml: str) -> None:
+        if fingerprint is not None and fingerprint != self.recipe.fingerprint():
+            raise MisconfigurationException(
+                f"lightning-quant: the checkpoint was made with a different recipe than {self.recipe.name!r} "
+                f"({self.recipe.source}); its weights/activations/layers settings differ. The checkpoint's "
+                f"recipe was:\n{recipe_yaml}"
+            )
+
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        """More entries for ``checkpoint["lightning_quant"]`` (subclasses)."""
+        return {}
+
+    def load_extra_checkpoint_state(self, saved: dict[str, Any]) -> None:
+        """Counterpart of :meth:`extra_checkpoint_state`."""
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("state_dict", {})
+        keys = _quantizer_keys(pl_module)
+        checkpoint[_CKPT_KEY] = {
+            "fingerprint": self.recipe.fingerprint(),
+            "recipe": self.recipe.to_yaml(),
+            "quantizer_state": {k: state.pop(k) for k in list(state) if k in keys},
+            **self.extra_checkpoint_state(),
+        }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get(_CKPT_KEY)
+        if saved is None:
+            return
+        self._check_fingerprint(saved.get("fingerprint"), saved.get("recipe", ""))
+        load_quantizer_state(pl_module, saved["quantizer_state"])
+        self.load_extra_checkpoint_state(saved)
+
+
+def load_quantizer_state(pl_module: torch.nn.Module, quant_state: dict[str, Any]) -> None:
+    """Load every quantizer's state from a flat ``{state-dict key: tensor}`` mapping (all keys required)."""
+    expected = _quantizer_keys(pl_module)
+    missing = sorted(expected - set(quant_state))
+    if missing:
+        raise MisconfigurationException(f"lightning-quant: checkpoint lacks quantizer state for {missing[:5]}")
+    for prefix, module in pl_module.named_modules(remove_duplicate=False):
+        if isinstance(module, Quantizer):
+            own = {k[len(prefix) + 1 :]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(own, strict=True)
+
+
+def quantizer_state(pl_module: torch.nn.Module) -> dict[str, Any]:
+    """Every quantizer's state as a flat ``{state-dict key: tensor}`` mapping."""
+    keys = _quantizer_keys(pl_module)
+    return {k: v for k, v in pl_module.state_dict().items() if k in keys}

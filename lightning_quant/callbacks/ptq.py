@@ -1,0 +1,337 @@
+"""Post-training quantization as a Lightning callback: calibrate (and reconstruct) before evaluation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.apply_func import apply_to_collection
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from lightning_quant.algorithms import ALGORITHMS, Step, calibrate, finalize, set_quant_state
+from lightning_quant.callbacks.base import RecipeCallback, _quantizers, load_quantizer_state, quantizer_state
+from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
+from lightning_quant.nn import summarize
+from lightning_quant.quantizers import ObserverQuantizer
+from lightning_quant.recipes import Recipe
+
+
+def _batch_size(batch: Any) -> int:
+    sizes: list[int] = []
+    apply_to_collection(batch, torch.Tensor, lambda t: sizes.append(t.shape[0]) if t.dim() else None)
+    if not sizes:
+        raise MisconfigurationException("lightning-quant: a calibration batch holds no tensor with a batch dimension")
+    return sizes[0]
+
+
+def _head(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (every tensor with a batch dimension is sliced)."""
+    return apply_to_collection(batch, torch.Tensor, lambda t: t[:n] if t.dim() else t)
+
+
+def default_forward(module: torch.nn.Module, batch: Any) -> Any:
+    """How a calibration batch reaches the model when the LightningModule defines no ``calibration_forward``:
+    a tensor is the input, a list/tuple's first item is the input, a dict is passed as keyword arguments."""
+    if isinstance(batch, torch.Tensor):
+        return module(batch)
+    if isinstance(batch, (list, tuple)):
+        return module(batch[0])
+    if isinstance(batch, dict):
+        return module(**batch)
+    raise MisconfigurationException(
+        f"lightning-quant: cannot feed a calibration batch of type {type(batch).__name__} to the model; "
+        "define `calibration_forward(self, batch)` on your LightningModule"
+    )
+
+
+class PostTrainingQuantization(RecipeCallback):
+    """Quantize a trained LightningModule after training: calibrate ranges, then optionally reconstruct.
+
+    Runs once, before the first validate/test/predict loop (or at the end of ``fit`` with
+    ``at_fit_end=True``): ``num_samples`` calibration samples are drawn with a fixed seed from the
+    datamodule's train (or val) dataloader, ranges are calibrated with the recipe's observers, and the
+    recipe's ``ptq.algorithm`` (AdaRound, BRECQ, QDrop, Bit-Split) reconstructs the model unit by unit,
+    with a progress bar. The evaluation that follows runs quantized; output SQNR and top-1 agreement
+    against the float model on the same batches are logged next to your own metrics. A checkpoint saved
+    afterwards restores the calibrated model without calibrating again. Example::
+
+        trainer = L.Trainer(callbacks=[PostTrainingQuantization("qdrop_w2a4", iters=2000)])
+        trainer.validate(model, datamodule=dm)
+
+    Under DDP, calibration statistics are merged across ranks (global min/max, summed histograms) and
+    reconstruction runs on rank 0 on its share of the calibration data, then its result is broadcast.
+
+    Args:
+        recipe: shipped recipe name, path to a YAML recipe, or a dict/``DictConfig`` (kind ``ptq``, or a
+            QAT recipe whose quantizers are all ``observer``: calibration only).
+        overrides: ``"key.path=value"`` strings applied on top of the recipe.
+        weight_bits / activation_bits: shortcuts for ``weights.bits`` / ``activations.bits``.
+        num_samples / iters / seed: shortcuts for ``ptq.num_samples`` / ``ptq.iters`` / ``ptq.seed``.
+        calibration_dataloader: ``"train"`` or ``"val"`` (the datamodule's), or any iterable of batches.
+        at_fit_end: also quantize when ``fit`` ends (validation inside ``fit`` always runs in float).
+        compare_float: log output SQNR and top-1 agreement against the float model during evaluation.
+    """
+
+    kinds = ("ptq", "qat")
+
+    def __init__(
+        self,
+        recipe: Union[str, dict, DictConfig, Recipe] = "minmax_w8a8",
+        overrides: Optional[list[str]] = None,
+        weight_bits: Optional[int] = None,
+        activation_bits: Optional[int] = None,
+        num_samples: Optional[int] = None,
+        iters: Optional[int] = None,
+        seed: Optional[int] = None,
+        calibration_dataloader: Union[str, Iterable, None] = None,
+        at_fit_end: bool = False,
+        compare_float: bool = True,
+    ) -> None:
+        extra = list(overrides or [])
+        for key, value in (("num_samples", num_samples), ("iters", iters), ("seed", seed)):
+            if value is not None:
+                extra.append(f"ptq.{key}={value}")
+        if isinstance(calibration_dataloader, str):
+            extra.append(f"ptq.dataloader={calibration_dataloader}")
+        super().__init__(recipe, extra, weight_bits, activation_bits)
+        self.calibration_data = None if isinstance(calibration_dataloader, str) else calibration_dataloader
+        self.at_fit_end = at_fit_end
+        self.compare_float = compare_float
+        self.calibrated = False
+        self.timings: dict[str, float] = {}
+        self.curves: dict[str, list[float]] = {}
+        self._compare_handle: Any = None
+        self._agreement: list[tuple[float, float]] = []
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        super().check_recipe(recipe)
+        if recipe.kind == "qat":
+            bad = [
+                k
+                for k, c in (("weights", recipe.weights), ("activations", recipe.activations))
+                if c.method != "observer"
+            ]
+            if bad:
+                raise MisconfigurationException(
+                    f"{recipe.source}: {bad[0]}.method={getattr(recipe, bad[0]).method!r} is learned during "
+                    "training; PostTrainingQuantization takes kind: ptq recipes or observer-only QAT recipes"
+                )
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.prepare(pl_module)
+        if not self.calibrated:
+            set_quant_state(pl_module, weights=False, activations=False)  # float until calibrated
+
+    def _set_active(self, pl_module: pl.LightningModule, active: bool) -> None:
+        set_quant_state(pl_module, weights=active, activations=active)
+        for q in _quantizers(pl_module):
+            q.observer_enabled = False
+
+    # -- the post-training run -----------------------------------------------------------------------------
+    def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        ptq = self.recipe.ptq
+        source: Any = self.calibration_data
+        if source is None:
+            holder = trainer.datamodule if trainer.datamodule is not None else pl_module
+            name = "train_dataloader" if ptq.dataloader == "train" else "val_dataloader"
+            try:
+                source = getattr(holder, name)()
+            except (AttributeError, NotImplementedError, MisconfigurationException) as err:
+                raise MisconfigurationException(
+                    f"lightning-quant: calibration needs data: {type(holder).__name__}.{name}() is not available "
+                    f"({err}); pass calibration_dataloader=... to PostTrainingQuantization"
+                ) from err
+        batches: list[Any] = []
+        seen = 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ptq.seed)
+            for batch in source:
+                take = min(_batch_size(batch), ptq.num_samples - seen)
+                batches.append(move_data_to_device(_head(batch, take), pl_module.device))
+                seen += take
+                if seen >= ptq.num_samples:
+                    break
+        if not batches:
+            raise MisconfigurationException("lightning-quant: the calibration dataloader yielded no batch")
+        if seen < ptq.num_samples:
+            rank_zero_warn(f"lightning-quant: calibrating on {seen} samples (ptq.num_samples={ptq.num_samples})")
+        return batches
+
+    def _run_batch(self, pl_module: pl.LightningModule) -> Any:
+        custom = getattr(pl_module, "calibration_forward", None)
+        if callable(custom):
+            return custom
+        return lambda batch: default_forward(pl_module, batch)
+
+    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate and reconstruct now (normally called by the hooks; safe to call once by hand).
+
+        Evaluation loops run under ``torch.inference_mode``; reconstruction needs gradients, so both are
+        switched back on here.
+        """
+        with torch.inference_mode(False), torch.enable_grad():
+            self._quantize(trainer, pl_module)
+
+    def _quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = self._calibration_batches(trainer, pl_module)
+        run_batch = self._run_batch(pl_module)
+        ptq = self.recipe.ptq
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        was_training = pl_module.training
+        pl_module.eval()
+        start = time.perf_counter()
+        calibrate(
+            pl_module, tqdm(batches, desc="lightning-quant: calibration", disable=not show, leave=False), run_batch
+        )
+        if trainer.world_size > 1:
+            for q in _quantizers(pl_module):
+                if isinstance(q, ObserverQuantizer):
+                    q.observer.sync()
+        finalize(pl_module)
+        self.timings["calibration_s"] = time.perf_counter() - start
+        self._set_active(pl_module, True)
+
+        start = time.perf_counter()
+        if ptq.algorithm != "none":
+            if trainer.is_global_zero:
+                bar = tqdm(disable=not show, desc="lightning-quant", leave=False)
+
+                def progress(step: Step) -> None:
+                    bar.set_description(
+                        f"lightning-quant {ptq.algorithm} {step.stage}: {step.index + 1}/{step.total} {step.unit}"
+                    )
+                    bar.total = step.iterations
+                    bar.n = step.iteration
+                    bar.set_postfix(loss=f"{step.loss:.4g}", refresh=True)
+
+                self.curves = ALGORITHMS[ptq.algorithm](pl_module, batches, run_batch, ptq, progress)
+                bar.close()
+            if trainer.world_size > 1:
+                state = trainer.strategy.broadcast(
+                    quantizer_state(pl_module) if trainer.is_global_zero else None, src=0
+                )
+                load_quantizer_state(pl_module, state)
+        self.timings["reconstruction_s"] = time.perf_counter() - start
+        self._set_active(pl_module, True)
+        pl_module.train(was_training)
+        self.calibrated = True
+        self._log_results(trainer, pl_module, batches)
+
+    def _log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:
+        metrics: dict[str, float] = {f"ptq/{k}": v for k, v in self.timings.items()}
+        metrics.update(weight_metrics(pl_module))
+        example = getattr(pl_module, "example_input_array", None)
+        metrics.update(summarize(pl_module, example).metrics())
+        log_metrics(trainer, metrics)
+        for unit, curve in self.curves.items():
+            for i, loss in enumerate(curve):
+                log_metrics(trainer, {f"ptq_loss/{unit}": loss}, step=i)
+        rank_zero_info(
+            f"lightning-quant: {self.recipe.name} calibrated on {sum(_batch_size(b) for b in batches)} samples in "
+            f"{self.timings['calibration_s']:.1f}s, reconstruction ({self.recipe.ptq.algorithm}) "
+            f"{self.timings['reconstruction_s']:.1f}s"
+        )
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._set_active(pl_module, self.calibrated)  # validation during fit runs in float
+            return
+        if not self.calibrated:
+            self.quantize(trainer, pl_module)
+        self._set_active(pl_module, True)
+        if self.compare_float and self._compare_handle is None:
+            self._agreement = []
+            self._compare_handle = pl_module.register_forward_hook(self._compare, with_kwargs=True)
+
+    def _compare(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook during evaluation: run the same input in float and compare the outputs."""
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        handle, self._compare_handle = self._compare_handle, None
+        handle.remove()  # the float pass must not call this hook again
+        try:
+            set_quant_state(module, weights=False, activations=False)
+            with torch.no_grad():
+                ref = module(*args, **kwargs)
+        finally:
+            set_quant_state(module, weights=True, activations=True)
+            self._compare_handle = module.register_forward_hook(self._compare, with_kwargs=True)
+        agree = float((ref.argmax(-1) == output.argmax(-1)).float().mean()) if output.dim() >= 2 else float("nan")
+        self._agreement.append((sqnr_db(ref.detach(), output.detach()), agree))
+
+    def _end_evaluation(self, trainer: pl.Trainer, prefix: str) -> None:
+        if self._compare_handle is not None:
+            self._compare_handle.remove()
+            self._compare_handle = None
+        if self._agreement and trainer.state.fn != "fit":
+            sq = torch.tensor([a for a, _ in self._agreement])
+            ag = torch.tensor([b for _, b in self._agreement])
+            log_metrics(
+                trainer,
+                {f"{prefix}/output_sqnr_db": float(sq.mean()), f"{prefix}/top1_agreement": float(ag.nanmean())},
+            )
+            self.last_comparison = {"output_sqnr_db": float(sq.mean()), "top1_agreement": float(ag.nanmean())}
+        self._agreement = []
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation(trainer, "ptq_val")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation(trainer, "ptq_test")
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation(trainer, "ptq_predict")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_active(pl_module, self.calibrated)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_end and not self.calibrated:
+            self.quantize(trainer, pl_module)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        return {"calibrated": self.calibrated, "timings": dict(self.timings)}
+
+    def load_extra_checkpoint_state(self, saved: dict[str, Any]) -> None:
+        self.calibrated = bool(saved.get("calibrated", False))
+        self.timings = dict(saved.get("timings", {}))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.recipe.fingerprint(),
+            "recipe": self.recipe.to_yaml(),
+            "calibrated": self.calibrated,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_fingerprint(state_dict.get("fingerprint"), state_dict.get("recipe", ""))
