@@ -267,7 +267,7 @@ def _reconstruct_unit(
             if scheduler is not None:
                 scheduler.step()
             if it % report_every == 0 or it == iters - 1:
-                curve.append(float(loss))
+                curve.append(float(loss.detach()))
                 if progress is not None:
                     progress(Step(stage, unit.name, index, total, it + 1, iters, curve[-1]))
     with torch.no_grad():

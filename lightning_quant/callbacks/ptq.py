@@ -197,6 +197,8 @@ class PostTrainingQuantization(RecipeCallback):
                 if isinstance(q, ObserverQuantizer):
                     q.observer.sync()
         finalize(pl_module)
+        if trainer.world_size > 1:  # searches (MSE, KL) ran on each rank's own samples: rank 0's result wins
+            self._broadcast_state(trainer, pl_module)
         self.timings["calibration_s"] = time.perf_counter() - start
         self._set_active(pl_module, True)
 
@@ -216,15 +218,18 @@ class PostTrainingQuantization(RecipeCallback):
                 self.curves = ALGORITHMS[ptq.algorithm](pl_module, batches, run_batch, ptq, progress)
                 bar.close()
             if trainer.world_size > 1:
-                state = trainer.strategy.broadcast(
-                    quantizer_state(pl_module) if trainer.is_global_zero else None, src=0
-                )
-                load_quantizer_state(pl_module, state)
+                self._broadcast_state(trainer, pl_module)
         self.timings["reconstruction_s"] = time.perf_counter() - start
         self._set_active(pl_module, True)
         pl_module.train(was_training)
         self.calibrated = True
         self._log_results(trainer, pl_module, batches)
+
+    @staticmethod
+    def _broadcast_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give every rank rank 0's quantizer state (codes included)."""
+        state = trainer.strategy.broadcast(quantizer_state(pl_module) if trainer.is_global_zero else None, src=0)
+        load_quantizer_state(pl_module, {k: v.to(pl_module.device) for k, v in state.items()})
 
     def _log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:
         metrics: dict[str, float] = {f"ptq/{k}": v for k, v in self.timings.items()}

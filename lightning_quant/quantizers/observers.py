@@ -172,6 +172,15 @@ class MSEObserver(Observer):
         self._has_range = True
 
     @torch.no_grad()
+    def sync(self) -> None:
+        """Deferred mode: global min/max (each rank then searches within it); otherwise averaged estimates."""
+        if not self.deferred:
+            super().sync()
+        elif is_distributed():
+            dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
+            dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
+
+    @torch.no_grad()
     def finalize(self) -> None:
         """Deferred mode: one search over the kept samples of all batches, within the overall min/max."""
         if not self._kept:
