@@ -197,6 +197,13 @@ class PostTrainingQuantization(RecipeCallback):
                 if isinstance(q, ObserverQuantizer):
                     q.observer.sync()
         finalize(pl_module)
+        for name, module in pl_module.named_modules():
+            cut = getattr(getattr(module, "observer", None), "clipped_fraction", 0.0)
+            if cut > 0.01:
+                rank_zero_warn(
+                    f"lightning-quant: KL calibration of '{name}' clips {100 * cut:.1f}% of the calibration values "
+                    "(saturated data); consider activations.observer=mse or percentile"
+                )
         if trainer.world_size > 1:  # searches (MSE, KL) ran on each rank's own samples: rank 0's result wins
             self._broadcast_state(trainer, pl_module)
         self.timings["calibration_s"] = time.perf_counter() - start

@@ -92,7 +92,8 @@ class ObserverQuantizer(Quantizer):
             self.observer.reset_to(*self.observer.batch_range(self.rows(x)))
         else:
             self.observer(self.rows(x))
-        self.update_qparams()
+        if not self.calibrating:  # calibration sets the qparams once, in finalize_calibration()
+            self.update_qparams()
 
     @torch.no_grad()
     def update_qparams(self) -> None:

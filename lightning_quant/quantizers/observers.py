@@ -27,6 +27,10 @@ from lightning_quant.quantizers.state import OptionalStateModule
 
 # Above this many elements per row, percentile/MSE observers work on an evenly strided sample (speed).
 _MAX_SAMPLE = 1 << 18
+# The histogram (KL) observer bins at most this many elements of each tensor; the range uses all of them.
+_MAX_HIST = 1 << 16
+# Elements a deferred MSE search runs over (kept from all calibration batches).
+_MAX_SEARCH = 1 << 16
 
 
 def _sample(rows: torch.Tensor) -> torch.Tensor:
@@ -158,7 +162,7 @@ class MSEObserver(Observer):
             super().forward(rows)
             return
         rows = rows.detach().float()
-        per_batch = max(1, _MAX_SAMPLE // 16)  # about 16 batches' worth of samples fill the budget
+        per_batch = max(1, _MAX_SEARCH // 16)  # about 16 batches' worth of samples fill the budget
         step = max(1, math.ceil(rows.shape[1] / per_batch))
         self._kept.append(rows[:, ::step])
         lo, hi = row_aminmax(rows)
@@ -185,7 +189,8 @@ class MSEObserver(Observer):
         """Deferred mode: one search over the kept samples of all batches, within the overall min/max."""
         if not self._kept:
             return
-        kept = _sample(torch.cat(self._kept, dim=1))
+        kept = torch.cat(self._kept, dim=1)
+        kept = kept[:, :: max(1, math.ceil(kept.shape[1] / _MAX_SEARCH))]
         self._kept = []
         self.deferred = False
         lo, hi = self._search(kept, self.min_val.clone(), self.max_val.clone())
@@ -223,6 +228,10 @@ class HistogramObserver(Observer):
     grows), which costs about one extra pass over each tensor. ``finalize`` then tries each clip threshold
     ``i`` (from ``2^(bits-1)`` bins up), folds the clipped tail into the last kept bin, quantizes the kept
     histogram to the code's levels, and keeps the threshold of least KL divergence. Per tensor only.
+
+    KL compares the clipped distribution with its quantized version, so it does not see the cost of the
+    clipping itself: on saturated data (a spike at the largest magnitude, such as image backgrounds) it
+    clips far too much. ``clipped_fraction`` records how much was cut; the PTQ callback warns above 1%.
     """
 
     def __init__(self, num_groups: int = 1, bits: int = 8, signed: bool = True, bins: int = 2048) -> None:
@@ -232,11 +241,13 @@ class HistogramObserver(Observer):
         self.bits, self.signed, self.bins = bits, signed, bins
         self.register_buffer("histogram", torch.zeros(bins))
         self.register_buffer("hist_max", torch.zeros(()))
+        self.clipped_fraction = 0.0  # share of observed values beyond the chosen threshold
 
     @torch.no_grad()
     def forward(self, rows: torch.Tensor) -> None:
         flat = rows.detach().float().reshape(-1)
         lo, hi = torch.aminmax(flat)
+        flat = flat[:: max(1, math.ceil(flat.numel() / _MAX_HIST))]  # an evenly strided sample feeds the histogram
         bound = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8)
         if self.has_range:
             self.min_val.clamp_(max=lo)
@@ -247,7 +258,8 @@ class HistogramObserver(Observer):
         if bool(bound > self.hist_max):
             self._rebin(float(bound))
         top = float(self.hist_max)
-        self.histogram += torch.histc(flat.abs(), bins=self.bins, min=0.0, max=top)
+        idx = (flat.abs() * (self.bins / top)).long().clamp_(max=self.bins - 1)
+        self.histogram += torch.bincount(idx, minlength=self.bins).to(self.histogram.dtype)
         self.count += 1
         self._has_range = True
 
@@ -265,28 +277,37 @@ class HistogramObserver(Observer):
     def finalize(self) -> None:
         if not self.has_range or float(self.histogram.sum()) == 0:
             return
-        hist = self.histogram.double()
+        hist = self.histogram.clone()
+        if hist.numel() > 1:
+            hist[0] = hist[1]  # ignore the spike of exact zeros (ReLU outputs, padding), as TensorRT does
         levels = 2 ** (self.bits - 1) if (self.signed and float(self.min_val) < 0) else 2**self.bits
         levels = min(levels, self.bins)
-        best_i, best_kl = self.bins, float("inf")
-        for i in range(levels, self.bins + 1, max(1, (self.bins - levels) // 256)):
-            ref = hist[:i].clone()
-            ref[-1] += hist[i:].sum()
-            # quantize the kept bins to `levels` buckets, spreading each bucket's mass over its non-empty bins
-            edges = torch.div(torch.arange(i, device=hist.device) * levels, i, rounding_mode="floor")
-            mass = torch.zeros(levels, dtype=hist.dtype, device=hist.device).index_add_(0, edges, hist[:i])
-            nonzero = (hist[:i] > 0).double()
-            support = torch.zeros_like(mass).index_add_(0, edges, nonzero)
-            cand = torch.where(nonzero > 0, mass[edges] / support[edges].clamp_min(1), torch.zeros_like(ref))
-            p = ref / ref.sum()
-            q = cand / cand.sum().clamp_min(1e-12)
-            mask = p > 0
-            kl = float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())
-            if kl < best_kl:
-                best_kl, best_i = kl, i
-        threshold = (best_i + 0.5) * float(self.hist_max) / self.bins
+        best_i = self._best_threshold_bin(hist, levels)
+        threshold = best_i * float(self.hist_max) / self.bins
+        self.clipped_fraction = float(self.histogram[best_i:].sum() / self.histogram.sum())
         self.max_val.clamp_(max=threshold)
         self.min_val.clamp_(min=-threshold)
+
+    def _best_threshold_bin(self, hist: torch.Tensor, levels: int) -> int:
+        """Number of kept bins of least KL divergence; all candidates are evaluated at once, as a matrix."""
+        step = max(1, (self.bins - levels) // 256)
+        kept_bins = torch.arange(levels, self.bins + 1, step, device=hist.device)  # candidates i
+        j = torch.arange(self.bins, device=hist.device)
+        kept = j[None, :] < kept_bins[:, None]  # (candidates, bins)
+        ref = hist[None, :] * kept
+        tail = hist.sum() - torch.cumsum(hist, 0)[kept_bins - 1]  # mass beyond each threshold
+        ref[torch.arange(len(kept_bins)), kept_bins - 1] += tail  # folded into the last kept bin
+        # quantize the kept bins to `levels` buckets, spreading each bucket's mass over its non-empty bins
+        bucket = torch.div(j[None, :] * levels, kept_bins[:, None], rounding_mode="floor").clamp_(max=levels - 1)
+        filled = (hist[None, :] > 0) & kept
+        zeros = torch.zeros(len(kept_bins), levels, dtype=hist.dtype, device=hist.device)
+        mass = zeros.scatter_add(1, bucket, hist[None, :] * kept)
+        support = zeros.scatter_add(1, bucket, filled.to(hist.dtype))
+        cand = torch.where(filled, mass.gather(1, bucket) / support.gather(1, bucket).clamp_min(1), 0.0)
+        p = ref / ref.sum(dim=1, keepdim=True)
+        q = cand / cand.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        terms = torch.where(p > 0, p * torch.log(p / q.clamp_min(1e-12)), 0.0)
+        return int(kept_bins[int(terms.sum(dim=1).argmin())])
 
     @torch.no_grad()
     def sync(self) -> None:
