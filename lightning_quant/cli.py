@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
-from lightning_quant.callbacks import QuantizationAwareTraining
+from lightning_quant.callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_quant.examples import DigitsDataModule, ImageClassifier
 from lightning_quant.nn import summarize
 from lightning_quant.nn.surgery import format_table
@@ -117,19 +117,25 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     float_acc = _accuracy(_trainer(1, False, [], out_dir).test(model, datamodule=datamodule, verbose=False))
     float_summary = summarize(model)  # counts only: no forward, nothing changed
 
-    # 2. quantization-aware fine-tuning under the recipe
-    if not user_model:
-        model.hparams.update(
-            optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
-        )
+    # 2. quantization-aware fine-tuning (kind: qat) or post-training quantization (kind: ptq) under the recipe
     logger = _make_logger(args.logger, out_dir, recipe.name)
-    callback = QuantizationAwareTraining(recipe)
     start = time.perf_counter()
-    trainer = _trainer(tr.epochs, logger, [callback], out_dir)
-    trainer.fit(model, datamodule=datamodule)
-    qat_time = time.perf_counter() - start
-    quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))
+    if recipe.kind == "ptq":
+        trainer = _trainer(1, logger, [PostTrainingQuantization(recipe)], out_dir)
+        quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))  # calibrates first
+        qat_time = time.perf_counter() - start
+    else:
+        if not user_model:
+            model.hparams.update(
+                optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
+            )
+        trainer = _trainer(tr.epochs, logger, [QuantizationAwareTraining(recipe)], out_dir)
+        trainer.fit(model, datamodule=datamodule)
+        qat_time = time.perf_counter() - start
+        quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))
     quant_summary = summarize(model)
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()  # flush the run (offline runs are then ready for `wandb sync`)
     result = {
         "recipe": recipe.name,
         "float_acc": float_acc,
@@ -177,7 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a recipe end to end. Without --model/--data: digits and a small CNN.",
     )
     fit.add_argument("--recipe", default="lsq_w4a4", help="shipped recipe name or path to a YAML recipe")
-    fit.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. weights.bits=3")
+    fit.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="recipe overrides (repeatable), e.g. weights.bits=3",
+    )
     fit.add_argument("--model", help="LightningModule class as 'pkg.module:Class' (built with no arguments)")
     fit.add_argument("--data", help="LightningDataModule class as 'pkg.module:Class' (built with no arguments)")
     fit.add_argument("--logger", choices=_LOGGERS, default="csv", help="experiment logger (wandb honours WANDB_MODE)")

@@ -96,7 +96,7 @@ class Recipe:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_KINDS = ("qat", "ptq")
+_KINDS = ("qat", "ptq", "binary")
 _EDGE_RULES = ("float", "8bit", "same")
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 

@@ -23,11 +23,16 @@ def _quantizers(model: torch.nn.Module) -> list[Quantizer]:
     return [m for m in model.modules() if isinstance(m, Quantizer)]
 
 
+def _added(module: torch.nn.Module) -> bool:
+    """Modules that quantization added to the user's model: quantizers, and marked ones (ReActNet's RPReLU)."""
+    return isinstance(module, Quantizer) or getattr(module, "added_by_quantization", False)
+
+
 def _quantizer_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys that belong to quantizers (their parameters and buffers)."""
+    """State-dict keys that belong to quantizers and other added modules (their parameters and buffers)."""
     keys: set[str] = set()
     for prefix, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, Quantizer):
+        if _added(module):
             keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
     return keys
 
@@ -137,7 +142,7 @@ def load_quantizer_state(pl_module: torch.nn.Module, quant_state: dict[str, Any]
     if missing:
         raise MisconfigurationException(f"lightning-quant: checkpoint lacks quantizer state for {missing[:5]}")
     for prefix, module in pl_module.named_modules(remove_duplicate=False):
-        if isinstance(module, Quantizer):
+        if _added(module):
             own = {k[len(prefix) + 1 :]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
             module.load_state_dict(own, strict=True)
 

@@ -22,7 +22,7 @@ from lightning_quant.nn.modules import (
     _QuantConvNd,
     swap_class,
 )
-from lightning_quant.quantizers import QuantizerConfig, build_quantizer
+from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig, build_quantizer
 from lightning_quant.quantizers.functional import num_groups
 from lightning_quant.quantizers.state import OptionalStateModule
 
@@ -261,7 +261,11 @@ def _convert(
             wcfg.axis = qcls.weight_axis
         wq = build_quantizer(wcfg, "weight", num_groups(weight.shape, wcfg.granularity, wcfg.axis, wcfg.group_size))  # type: ignore[arg-type]
         wq.to(weight.device)
-    aq = build_quantizer(acfg, "activation", 1).to(weight.device) if acfg is not None and qcls.has_input else None
+    aq = None
+    if acfg is not None and qcls.has_input:
+        channels = getattr(module, "in_channels", getattr(module, "in_features", 1))
+        groups = channels if QUANTIZERS[acfg.method].per_input_channel else 1  # e.g. ReActNet's RSign shifts
+        aq = build_quantizer(acfg, "activation", groups).to(weight.device)
     swap_class(module, qcls)
     module.weight_quantizer = wq
     module.input_quantizer = aq

@@ -1,0 +1,128 @@
+"""Binarization as a Lightning callback: binary/ternary training of any LightningModule from a recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+from typing_extensions import override
+
+from lightning_quant.callbacks.base import _quantizers
+from lightning_quant.callbacks.diagnostics import log_metrics
+from lightning_quant.callbacks.qat import QuantizationAwareTraining
+from lightning_quant.nn import QuantizedLayer, quantized_layers, summarize
+from lightning_quant.quantizers.binary import BinaryQuantizer, RPReLU, RSignQuantizer
+from lightning_quant.recipes import Recipe
+
+
+def _apply_rprelu(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.rprelu(output)
+
+
+def _channels_out(layer: torch.nn.Module) -> int:
+    return int(getattr(layer, "out_channels", getattr(layer, "out_features", 1)))
+
+
+class Binarization(QuantizationAwareTraining):
+    """Train a LightningModule with binary (or ternary) layers, as a recipe says.
+
+    Layers are swapped in ``setup()`` like the QAT callback (first and last layer stay in float by
+    default), so checkpoints, resume, DDP and logging behave the same. On top of that: latent weights are
+    clipped to [−1, 1] after each step for BinaryConnect/BNN; annealed estimators (IR-Net) follow the
+    training progress; ReActNet recipes (``activations.method: rsign``) get an RPReLU after each binary
+    layer; and every epoch logs the weight sign-flip rate, the fraction of binary operations and the packed
+    model size against float. Example::
+
+        trainer = L.Trainer(callbacks=[Binarization("irnet")])
+        trainer.fit(model, datamodule=dm)
+    """
+
+    kinds = ("binary",)
+
+    def __init__(
+        self,
+        recipe: Union[str, dict, DictConfig, Recipe] = "bnn",
+        overrides: Optional[list[str]] = None,
+    ) -> None:
+        super().__init__(recipe, overrides)
+        self._signs: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _binary_layers(model: torch.nn.Module) -> list[tuple[str, QuantizedLayer]]:
+        return [(n, m) for n, m in quantized_layers(model) if isinstance(m.weight_quantizer, BinaryQuantizer)]
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        for _, layer in quantized_layers(pl_module):
+            if isinstance(layer.input_quantizer, RSignQuantizer) and not hasattr(layer, "rprelu"):
+                layer.rprelu = RPReLU(_channels_out(layer)).to(layer.weight.device)
+                layer.register_forward_hook(_apply_rprelu)
+
+    def _set_progress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = max(1, int(trainer.estimated_stepping_batches))
+        progress = min(1.0, trainer.global_step / total)
+        for q in _quantizers(pl_module):
+            if isinstance(q, BinaryQuantizer):
+                q.progress = progress
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._set_progress(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        with torch.no_grad():
+            for _, layer in self._binary_layers(pl_module):
+                if type(layer.weight_quantizer).clip_latent:
+                    layer.weight.clamp_(-1.0, 1.0)  # BinaryConnect/BNN keep latent weights in [-1, 1]
+
+    def _weight_signs(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {
+                n: torch.sign(layer.quantized_weight()).to(torch.int8) for n, layer in self._binary_layers(pl_module)
+            }
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._signs = self._weight_signs(pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        now = self._weight_signs(pl_module)
+        metrics: dict[str, float] = {}
+        flipped = total = 0
+        for name, signs in now.items():
+            before = self._signs.get(name)
+            if before is None or before.shape != signs.shape:
+                continue
+            changed = int((before != signs).sum())
+            metrics[f"binary/{name}/sign_flip_rate"] = changed / signs.numel()
+            flipped += changed
+            total += signs.numel()
+        if total:
+            metrics["binary/sign_flip_rate"] = flipped / total
+        metrics.update(self.binary_metrics(pl_module))
+        log_metrics(trainer, metrics)
+        self.last_epoch_metrics = metrics
+
+    def binary_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Fraction of MACs done by 1-bit x 1-bit layers, and packed size against float."""
+        summary = summarize(pl_module, getattr(pl_module, "example_input_array", None))
+        total = sum(r.macs for r in summary.layers)
+        binary = sum(r.macs for r in summary.layers if r.weight_bits == 1 and r.activation_bits == 1)
+        metrics = {"binary/fraction_binary_ops": binary / total} if total else {}  # MACs need example_input_array
+        return {
+            **metrics,
+            "binary/packed_size_mb": summary.size_mb,
+            "binary/float_size_mb": summary.float_memory_bits / 8 / 1e6,
+            "binary/compression": summary.float_memory_bits / max(summary.memory_bits, 1),
+        }
