@@ -1,7 +1,12 @@
 """lightning-quant: quantization-aware training, post-training quantization and binarization as
 PyTorch Lightning callbacks, driven by recipes."""
 
-from lightning_quant.callbacks import Binarization, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant.callbacks import (
+    Binarization,
+    IncrementalQuantization,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_quant.nn import dequantize_model, quantize_model, summarize
 from lightning_quant.recipes import Recipe, RecipeError, list_recipes, load_recipe
 
@@ -9,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Binarization",
+    "IncrementalQuantization",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "Recipe",

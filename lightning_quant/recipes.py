@@ -56,6 +56,16 @@ class TrainingConfig:
 
 
 @dataclass
+class INQConfig:
+    """Incremental quantization schedule (the ``inq`` section, kind: inq)."""
+
+    portions: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.875, 1.0])  # accumulated, last is 1
+    epochs: list[int] = field(default_factory=lambda: [0, 2, 4, 6])  # epoch at which each portion is applied
+    partition: str = "magnitude"  # magnitude (largest |w| first, the paper's) or random (its ablation)
+    seed: int = 0  # for the random partition
+
+
+@dataclass
 class DiagnosticsConfig:
     """What the callback logs."""
 
@@ -81,6 +91,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     ptq: PTQConfig = field(default_factory=PTQConfig)  # post-training settings (kind: ptq)
+    inq: INQConfig = field(default_factory=INQConfig)  # incremental schedule (kind: inq)
     source: str = ""  # where it was loaded from (filled in by the loader)
 
     def to_yaml(self) -> str:
@@ -96,7 +107,7 @@ class Recipe:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_KINDS = ("qat", "ptq", "binary")
+_KINDS = ("qat", "ptq", "binary", "inq")
 _EDGE_RULES = ("float", "8bit", "same")
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -290,6 +301,27 @@ def validate_recipe(recipe: Recipe) -> None:
     _check(tr.lr > 0, src, "training.lr", tr.lr, "must be positive")
     _check(tr.batch_size >= 1, src, "training.batch_size", tr.batch_size, "must be >= 1")
     _validate_ptq(recipe, src)
+    inq = recipe.inq
+    _check(
+        len(inq.portions) == len(inq.epochs) and len(inq.portions) > 0,
+        src,
+        "inq.portions",
+        inq.portions,
+        f"one portion per entry of inq.epochs ({inq.epochs})",
+    )
+    _check(
+        all(0 < a < b for a, b in zip(inq.portions, inq.portions[1:]))
+        and inq.portions[0] > 0
+        and inq.portions[-1] == 1,
+        src,
+        "inq.portions",
+        inq.portions,
+        "increasing accumulated fractions in (0, 1], ending at 1.0",
+    )
+    _check(all(0 <= a < b for a, b in zip(inq.epochs, inq.epochs[1:])), src, "inq.epochs", inq.epochs, "increasing")
+    _check(inq.partition in ("magnitude", "random"), src, "inq.partition", inq.partition, "allowed: magnitude, random")
+    if recipe.kind == "inq":
+        _check(2 <= recipe.weights.bits <= 8, src, "weights.bits", recipe.weights.bits, "INQ needs 2 to 8 bits")
     _check(
         recipe.diagnostics.every_n_steps >= 0,
         src,
@@ -337,6 +369,7 @@ def _validate_ptq(recipe: Recipe, src: str) -> None:
 
 __all__ = [
     "DiagnosticsConfig",
+    "INQConfig",
     "LayerOverride",
     "LayerSelection",
     "Recipe",

@@ -1,0 +1,185 @@
+"""Incremental Network Quantization (Zhou et al., ICLR 2017) as a Lightning callback.
+
+Weights become powers of two (or zero) in stages: at each stage the recipe's accumulated portion of every
+layer's weights, largest magnitudes first (or at random), is rounded to the level set and frozen, while
+the rest keep training to compensate. Frozen weights have their gradients masked and are restored after
+every optimizer step, so weight decay or momentum cannot move them either.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
+from torch import nn
+from typing_extensions import override
+
+from lightning_quant.callbacks.diagnostics import log_metrics
+from lightning_quant.nn.modules import TYPE_NAMES
+from lightning_quant.nn.surgery import clean_name
+from lightning_quant.recipes import Recipe, RecipeError, load_recipe
+
+
+def level_exponents(weight: torch.Tensor, bits: int) -> tuple[int, int]:
+    """INQ's level set ``{±2^n2, …, ±2^n1, 0}``: ``n1 = floor(log2(4·max|W|/3))``, ``n2 = n1 + 1 − 2^(b−1)/2``."""
+    top = float(weight.detach().abs().max())
+    n1 = math.floor(math.log2(4 * top / 3)) if top > 0 else 0
+    return n1, n1 + 1 - 2 ** (bits - 1) // 2
+
+
+def to_levels(weight: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """Round to the nearest level (arithmetic midpoints between powers); below ``2^n2 / 2`` becomes 0."""
+    mag = weight.abs()
+    exponent = torch.floor(torch.log2(mag.clamp_min(1e-30) * 4 / 3)).clamp(n2, n1)
+    return torch.where(mag < 2.0**n2 / 2, torch.zeros_like(weight), torch.sign(weight) * torch.pow(2.0, exponent))
+
+
+class IncrementalQuantization(Callback):
+    """Train a LightningModule into power-of-two weights, stage by stage, as an ``inq_*`` recipe says.
+
+    Stage ``k`` starts at epoch ``inq.epochs[k]`` and leaves ``inq.portions[k]`` of each selected layer's
+    weights quantized and frozen. The level set per layer follows the paper (``weights.bits``, one code for
+    zero), computed from the layer's weights when training starts. Masks and frozen values are saved in the
+    checkpoint, so ``fit(ckpt_path=...)`` resumes mid-schedule. Example::
+
+        trainer = L.Trainer(max_epochs=8, callbacks=[IncrementalQuantization("inq_5bit")])
+        trainer.fit(model, datamodule=dm)
+    """
+
+    def __init__(
+        self, recipe: Union[str, dict, DictConfig, Recipe] = "inq_5bit", overrides: Optional[list[str]] = None
+    ):
+        try:
+            self.recipe = load_recipe(recipe, overrides)
+        except RecipeError as err:
+            raise MisconfigurationException(str(err)) from err
+        if self.recipe.kind != "inq":
+            raise MisconfigurationException(
+                f"{self.recipe.source}: kind={self.recipe.kind!r} is not allowed for IncrementalQuantization; "
+                "allowed: ['inq']"
+            )
+        self.exponents: dict[str, tuple[int, int]] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.frozen: dict[str, torch.Tensor] = {}
+        self.stage = -1
+        self._hooked: set[int] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(recipe=self.recipe.name)
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers the recipe selects (types, include/exclude globs, first/last rules)."""
+        sel = self.recipe.layers
+        allowed = tuple(TYPE_NAMES[t] for t in sel.types)
+        found = [
+            (clean_name(n), m)
+            for n, m in model.named_modules()
+            if type(m) in allowed
+            and any(fnmatch.fnmatchcase(clean_name(n), p) for p in sel.include)
+            and not any(fnmatch.fnmatchcase(clean_name(n), p) for p in sel.exclude)
+        ]
+        if found and sel.first_layer == "float":
+            found = found[1:]
+        if found and sel.last_layer == "float":
+            found = found[:-1]
+        return dict(found)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        layers = self.layers(pl_module)
+        if not layers:
+            raise MisconfigurationException(
+                f"{self.recipe.source}: no layer matched layers.types={self.recipe.layers.types}"
+            )
+        for name, layer in layers.items():
+            if id(layer.weight) not in self._hooked:
+                layer.weight.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
+                self._hooked.add(id(layer.weight))
+
+    def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        mask = self.masks.get(name)
+        return grad if mask is None else grad.masked_fill(mask, 0.0)
+
+    def _quantize_stage(self, pl_module: pl.LightningModule, stage: int) -> None:
+        inq = self.recipe.inq
+        generator = torch.Generator().manual_seed(inq.seed + stage)
+        for name, layer in self.layers(pl_module).items():
+            w = layer.weight.data
+            if name not in self.exponents:
+                self.exponents[name] = level_exponents(w, self.recipe.weights.bits)
+            mask = self.masks.get(name, torch.zeros_like(w, dtype=torch.bool))
+            target = round(inq.portions[stage] * w.numel())
+            extra = target - int(mask.sum())
+            if extra > 0:
+                if inq.partition == "magnitude":
+                    score = w.abs().masked_fill(mask, -1.0).flatten()
+                else:
+                    score = torch.rand(w.numel(), generator=generator).to(w.device).masked_fill(mask.flatten(), -1.0)
+                pick = torch.topk(score, extra).indices
+                new = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+                new[pick] = True
+                new = new.reshape(w.shape)
+                n1, n2 = self.exponents[name]
+                w[new] = to_levels(w[new], n1, n2)
+                mask = mask | new
+            self.masks[name] = mask
+            self.frozen[name] = w.clone()
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epochs = self.recipe.inq.epochs
+        due = max((k for k, e in enumerate(epochs) if e <= trainer.current_epoch), default=-1)
+        while self.stage < due:
+            self.stage += 1
+            self._quantize_stage(pl_module, self.stage)
+            rank_zero_info(
+                f"lightning-quant: INQ stage {self.stage + 1}/{len(epochs)}: "
+                f"{100 * self.recipe.inq.portions[self.stage]:.1f}% of the weights are powers of two"
+            )
+        log_metrics(trainer, {"inq/quantized_fraction": self.quantized_fraction(), "inq/stage": float(self.stage + 1)})
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        with torch.no_grad():
+            for name, layer in self.layers(pl_module).items():
+                mask = self.masks.get(name)
+                if mask is not None:
+                    layer.weight.data[mask] = self.frozen[name][mask]
+
+    def quantized_fraction(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_yaml(),
+            "stage": self.stage,
+            "exponents": dict(self.exponents),
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "frozen": {k: v.cpu() for k, v in self.frozen.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage = int(state_dict["stage"])
+        self.exponents = {k: tuple(v) for k, v in state_dict["exponents"].items()}  # type: ignore[misc]
+        self.masks = dict(state_dict["masks"])
+        self.frozen = dict(state_dict["frozen"])
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = pl_module.device
+        self.masks = {k: v.to(device) for k, v in self.masks.items()}
+        self.frozen = {k: v.to(device) for k, v in self.frozen.items()}

@@ -1,0 +1,79 @@
+"""INQ: power-of-two levels, staged freezing in a real Trainer.fit, checkpoint resume."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_quant import IncrementalQuantization, load_recipe
+from lightning_quant.callbacks.inq import level_exponents, to_levels
+from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
+from lightning_quant.recipes import RecipeError
+
+
+def test_level_set_follows_the_paper():
+    w = torch.tensor([0.9, -0.3, 0.05])
+    n1, n2 = level_exponents(w, bits=5)
+    assert n1 == 0  # floor(log2(4 * 0.9 / 3)) = floor(0.263)
+    assert n2 == n1 + 1 - 8  # 2^(5-1)/2 = 8 magnitudes, one code for zero
+    q = to_levels(torch.tensor([0.9, -0.3, 0.2, 0.74, 0.76, 1e-4, -0.0]), n1, n2)
+    assert q.tolist() == [1.0, -0.25, 0.25, 0.5, 1.0, 0.0, 0.0]  # midpoints 0.75 = (0.5 + 1) / 2, ...
+
+
+def _levels_ok(w, n1, n2):
+    mag = w.abs()[w != 0]
+    exps = torch.log2(mag)
+    return bool(torch.equal(exps, exps.round()) and exps.min() >= n2 and exps.max() <= n1)
+
+
+def _fit(tmp_path, max_epochs, ckpt_path=None, recipe="inq_4bit"):
+    pl.seed_everything(0)
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=max_epochs, weight_decay=1e-3)
+    cb = IncrementalQuantization(recipe, overrides=["inq.epochs=[0,1,2,3]"])
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
+    return model, cb, trainer
+
+
+def test_frozen_weights_do_not_move_and_end_as_powers_of_two(tmp_path):
+    model, cb, _ = _fit(tmp_path, 2)  # stages 1 and 2: 50% then 75%
+    assert cb.stage == 1
+    assert cb.quantized_fraction() == pytest.approx(0.75, abs=0.01)
+    for name, layer in cb.layers(model).items():
+        mask = cb.masks[name]
+        w = layer.weight.detach()
+        assert torch.equal(w[mask], cb.frozen[name][mask])  # SGD with momentum and weight decay ran: unchanged
+        assert _levels_ok(w[mask], *cb.exponents[name])
+        assert not torch.equal(w[~mask], cb.frozen[name][~mask])  # the free weights did train
+        assert w[mask].abs().min() >= w[~mask].abs().min()  # magnitude partition: the largest went first
+    model, cb, _ = _fit(tmp_path, 4)
+    for name, layer in cb.layers(model).items():
+        assert bool(cb.masks[name].all())
+        assert _levels_ok(layer.weight.detach(), *cb.exponents[name])
+        assert torch.unique(layer.weight.detach()).numel() <= 9  # 4 magnitudes, both signs, and zero
+
+
+def test_resume_mid_schedule(tmp_path):
+    model, cb, trainer = _fit(tmp_path, 2)
+    ckpt = tmp_path / "inq.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, cb2, _ = _fit(tmp_path, 3, ckpt_path=ckpt)
+    assert cb2.stage == 2
+    for name in cb.masks:
+        assert bool((cb2.masks[name] | ~cb.masks[name]).all())  # earlier decisions kept
+    assert cb2.quantized_fraction() == pytest.approx(0.875, abs=0.01)
+
+
+def test_inq_recipe_checks():
+    with pytest.raises(RecipeError, match="inq.portions"):
+        load_recipe("inq_5bit", ["inq.portions=[0.5,0.4,1.0,1.0]"])
+    with pytest.raises(RecipeError, match="inq.partition='lottery'"):
+        load_recipe("inq_5bit", ["inq.partition=lottery"])
