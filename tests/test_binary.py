@@ -147,6 +147,9 @@ def test_every_binary_recipe_trains_and_logs(recipe):
     assert metrics["binary/compression"] > 3.0
     if load_recipe(recipe).activations.enabled:
         assert metrics["binary/fraction_binary_ops"] > 0.5
+        assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())  # sign(ReLU(x)) would be constant
+    else:
+        assert any(isinstance(m, torch.nn.ReLU) for m in model.modules())
     if recipe in ("bnn", "binaryconnect"):
         assert float(layer.weight.abs().max()) <= 1.0  # latent weights clipped
     if recipe == "reactnet":

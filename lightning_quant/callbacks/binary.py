@@ -6,6 +6,7 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from typing_extensions import override
 
@@ -13,6 +14,7 @@ from lightning_quant.callbacks.base import _quantizers
 from lightning_quant.callbacks.diagnostics import log_metrics
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.nn import QuantizedLayer, quantized_layers, summarize
+from lightning_quant.nn.modules import swap_class
 from lightning_quant.quantizers.binary import BinaryQuantizer, RPReLU, RSignQuantizer
 from lightning_quant.recipes import Recipe
 
@@ -30,7 +32,8 @@ class Binarization(QuantizationAwareTraining):
 
     Layers are swapped in ``setup()`` like the QAT callback (first and last layer stay in float by
     default), so checkpoints, resume, DDP and logging behave the same. On top of that: latent weights are
-    clipped to [−1, 1] after each step for BinaryConnect/BNN; annealed estimators (IR-Net) follow the
+    clipped to [−1, 1] after each step for BinaryConnect/BNN; with binary activations, ReLU modules become
+    identities (a sign of a ReLU output is constant); annealed estimators (IR-Net) follow the
     training progress; ReActNet recipes (``activations.method: rsign``) get an RPReLU after each binary
     layer; and every epoch logs the weight sign-flip rate, the fraction of binary operations and the packed
     model size against float. Example::
@@ -56,10 +59,27 @@ class Binarization(QuantizationAwareTraining):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.recipe.activations.enabled:
+            self._remove_relus(pl_module)
         for _, layer in quantized_layers(pl_module):
             if isinstance(layer.input_quantizer, RSignQuantizer) and not hasattr(layer, "rprelu"):
                 layer.rprelu = RPReLU(_channels_out(layer)).to(layer.weight.device)
                 layer.register_forward_hook(_apply_rprelu)
+
+    @staticmethod
+    def _remove_relus(pl_module: pl.LightningModule) -> None:
+        """Binary activations need signed inputs: ``sign`` of a ReLU output is +1 everywhere. As in BNN and
+        XNOR-Net (BN → sign → conv), ReLU modules become identities; ``F.relu`` calls in ``forward`` cannot
+        be seen here and are reported so the user can remove them."""
+        replaced = [n for n, m in pl_module.named_modules() if type(m) in (torch.nn.ReLU, torch.nn.ReLU6)]
+        for name in replaced:
+            swap_class(pl_module.get_submodule(name), torch.nn.Identity)
+        if replaced:
+            rank_zero_info(
+                f"lightning-quant: binary activations: {len(replaced)} ReLU modules replaced by identity "
+                f"({', '.join(replaced[:4])}{', ...' if len(replaced) > 4 else ''}); functional relu calls in "
+                "forward() are not visible to the callback and should be removed for binary activations"
+            )
 
     def _set_progress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = max(1, int(trainer.estimated_stepping_batches))
