@@ -25,21 +25,10 @@ from lightning_quant import Binarization, IncrementalQuantization, load_recipe, 
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import header, interleaved_ratios  # noqa: E402
+from common import header, interleaved_ratios, quiet_trainer  # noqa: E402
 
 BINARY = ["binaryconnect", "bnn", "xnor", "bireal", "irnet", "reactnet", "sketch_m3", "twn", "ttq"]
 INQ = ["inq_5bit", "inq_4bit", "inq_3bit"]
-
-
-def _trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 def step_times(rounds: int) -> None:
@@ -82,8 +71,8 @@ def main() -> None:
         pl.seed_everything(seed, verbose=False)
         dm = DigitsDataModule(batch_size=64)
         base = ImageClassifier(optimizer="adam", lr=0.01, epochs=20)
-        _trainer(20, []).fit(base, datamodule=dm)
-        acc["float"].append(float(_trainer(1, []).test(base, datamodule=dm, verbose=False)[0]["test_acc"]))
+        quiet_trainer([], 20).fit(base, datamodule=dm)
+        acc["float"].append(float(quiet_trainer([], 1).test(base, datamodule=dm, verbose=False)[0]["test_acc"]))
         for name in args.recipes:
             recipe = load_recipe(name, ["diagnostics.summary=false"])
             tr = recipe.training
@@ -93,7 +82,7 @@ def main() -> None:
             )
             cb = IncrementalQuantization(recipe) if recipe.kind == "inq" else Binarization(recipe)
             pl.seed_everything(seed, verbose=False)
-            trainer = _trainer(tr.epochs, [cb])
+            trainer = quiet_trainer([cb], tr.epochs)
             trainer.fit(model, datamodule=dm)
             acc.setdefault(name, []).append(float(trainer.test(model, datamodule=dm, verbose=False)[0]["test_acc"]))
             if recipe.kind == "inq":

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import lightning
+import lightning.pytorch as pl
 import torch
 
 
@@ -41,3 +42,15 @@ def interleaved_ratios(
         ratios = [t / b for t, b in zip(times[name], times[baseline])]
         out[name] = (statistics.median(ratios), min(ratios), max(ratios))
     return out
+
+
+def quiet_trainer(callbacks: list, epochs: int = 1) -> pl.Trainer:
+    """A Trainer without logger, checkpoints, progress bar or model summary (benchmarks print their own tables)."""
+    return pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )

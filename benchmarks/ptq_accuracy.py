@@ -25,7 +25,7 @@ from lightning_quant import PostTrainingQuantization
 from lightning_quant.examples import DigitsDataModule, ImageClassifier
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import header  # noqa: E402
+from common import header, quiet_trainer  # noqa: E402
 
 # method -> (recipe it starts from, overrides); bits are set per configuration
 METHODS = {
@@ -36,17 +36,6 @@ METHODS = {
     "QDrop": ("qdrop_w4a4", []),
     "Bit-Split": ("bitsplit_w4a8", []),
 }
-
-
-def _trainer(callbacks: list, epochs: int = 1) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 def main() -> None:
@@ -66,8 +55,8 @@ def main() -> None:
         pl.seed_everything(seed, verbose=False)
         dm = DigitsDataModule(batch_size=64)
         base = ImageClassifier(optimizer="adam", lr=0.01, epochs=20)
-        _trainer([], 20).fit(base, datamodule=dm)
-        floats.append(float(_trainer([]).test(base, datamodule=dm, verbose=False)[0]["test_acc"]))
+        quiet_trainer([], 20).fit(base, datamodule=dm)
+        floats.append(float(quiet_trainer([]).test(base, datamodule=dm, verbose=False)[0]["test_acc"]))
         for bits in args.bits:
             w, a = bits.split("/")
             for method in args.methods:
@@ -76,7 +65,7 @@ def main() -> None:
                 cb = PostTrainingQuantization(recipe, overrides, iters=args.iters, seed=seed, compare_float=False)
                 model = copy.deepcopy(base)
                 start = time.perf_counter()
-                result = _trainer([cb]).test(model, datamodule=dm, verbose=False)[0]
+                result = quiet_trainer([cb]).test(model, datamodule=dm, verbose=False)[0]
                 secs.setdefault((bits, method), []).append(time.perf_counter() - start)
                 acc.setdefault((bits, method), []).append(float(result["test_acc"]))
                 print(

@@ -32,7 +32,7 @@ from lightning_quant.algorithms import ALGORITHMS, calibrate, finalize, set_quan
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import header, interleaved_ratios  # noqa: E402
+from common import header, interleaved_ratios, quiet_trainer  # noqa: E402
 
 OURS_W8A8 = {
     "min-max": ["weights.observer=minmax", "activations.observer=minmax"],
@@ -41,17 +41,6 @@ OURS_W8A8 = {
     "KL (entropy)": ["weights.observer=minmax", "activations.observer=kl"],
 }
 W8A8 = ["weights.bits=8", "activations.bits=8", "layers.first_layer=same", "layers.last_layer=same"]
-
-
-def _trainer(callbacks: list, epochs: int = 1) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 def _calibration_batches(dm: DigitsDataModule, seed: int, n: int = 1024) -> list[torch.Tensor]:
@@ -101,14 +90,14 @@ def part1(seeds: list[int]) -> None:
         pl.seed_everything(seed, verbose=False)
         dm = DigitsDataModule(batch_size=64)
         base = ImageClassifier(optimizer="adam", lr=0.01, epochs=20)
-        _trainer([], 20).fit(base, datamodule=dm)
+        quiet_trainer([], 20).fit(base, datamodule=dm)
         base.eval()
         floats.append(accuracy(base, dm))
         for name, extra in OURS_W8A8.items():
             cb = PostTrainingQuantization("mse_w4a8", [*extra, *W8A8, "diagnostics.summary=false"], seed=seed)
             model = copy.deepcopy(base)
             acc.setdefault(f"lightning-quant {name}", []).append(
-                float(_trainer([cb]).test(model, datamodule=dm, verbose=False)[0]["test_acc"])
+                float(quiet_trainer([cb]).test(model, datamodule=dm, verbose=False)[0]["test_acc"])
             )
             secs.setdefault(f"lightning-quant {name}", []).append(cb.timings["calibration_s"])
         int8, seconds = torch_ao_digits(base.net, _calibration_batches(dm, seed))

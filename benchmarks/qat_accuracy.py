@@ -23,20 +23,9 @@ from lightning_quant import QuantizationAwareTraining, load_recipe
 from lightning_quant.examples import DigitsDataModule, ImageClassifier
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import header  # noqa: E402
+from common import header, quiet_trainer  # noqa: E402
 
 RECIPES = ["lsq_w8a8", "minmax_w8a8", "lsq_w4a4", "pact_w4a4", "dorefa_w4a4", "dsq_w4a4", "lsq_w3a3", "lsq_w2a2"]
-
-
-def _trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 def test_acc(trainer: pl.Trainer, model: pl.LightningModule, dm: DigitsDataModule) -> float:
@@ -57,8 +46,8 @@ def main() -> None:
         pl.seed_everything(seed, verbose=False)
         dm = DigitsDataModule(batch_size=64)
         base = ImageClassifier(optimizer="adam", lr=0.01, epochs=20)
-        _trainer(20, []).fit(base, datamodule=dm)
-        results["float"].append(test_acc(_trainer(1, []), base, dm))
+        quiet_trainer([], 20).fit(base, datamodule=dm)
+        results["float"].append(test_acc(quiet_trainer([], 1), base, dm))
         for name in args.recipes:
             recipe = load_recipe(name, ["diagnostics.summary=false", "diagnostics.every_n_steps=0"])
             tr = recipe.training
@@ -67,7 +56,7 @@ def main() -> None:
                 optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
             )
             pl.seed_everything(seed, verbose=False)
-            trainer = _trainer(tr.epochs, [QuantizationAwareTraining(recipe)])
+            trainer = quiet_trainer([QuantizationAwareTraining(recipe)], tr.epochs)
             start = time.perf_counter()
             trainer.fit(model, datamodule=dm)
             times.setdefault(name, []).append(time.perf_counter() - start)

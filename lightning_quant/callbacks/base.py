@@ -94,6 +94,22 @@ class RecipeCallback(Callback):
             rank_zero_info(f"lightning-quant: recipe {self.recipe.name!r}\n{self.report.table()}")
         return already
 
+    # -- evaluation --------------------------------------------------------------------------------------
+    def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set quantizers up for a validate/test/predict loop (subclasses)."""
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
     # -- checkpoints -------------------------------------------------------------------------------------
     def _check_fingerprint(self, fingerprint: Optional[str], recipe_yaml: str) -> None:
         if fingerprint is not None and fingerprint != self.recipe.fingerprint():
