@@ -231,19 +231,20 @@ def _validate_quantizer(cfg: QuantizerConfig, key: str, role: str, source: str) 
         f"{cfg.method} quantizes {', '.join(qcls.roles)} only",
     )
     _check(
-        cfg.granularity in ("per_tensor", "per_channel", "per_group"),
+        cfg.granularity in ("per_tensor", "per_channel", "per_group", "per_token"),
         source,
         f"{key}.granularity",
         cfg.granularity,
-        "allowed: per_tensor, per_channel, per_group",
+        "allowed: per_tensor, per_channel, per_group, per_token (dynamic activations)",
     )
     if role == "activation":
         _check(
-            cfg.granularity == "per_tensor",
+            cfg.granularity in ("per_tensor", "per_token"),
             source,
             f"{key}.granularity",
             cfg.granularity,
-            "activations are quantized per_tensor only (their channel count is not known before data flows)",
+            "activations are quantized per_tensor, or per_token with method: dynamic "
+            "(their channel count is not known before data flows)",
         )
     _check(
         cfg.granularity in qcls.granularities,
@@ -348,13 +349,16 @@ def _validate_ptq(recipe: Recipe, src: str) -> None:
     if recipe.kind != "ptq":
         _check(ptq.algorithm == "none", src, "ptq.algorithm", ptq.algorithm, "a reconstruction needs kind: ptq")
         return
-    for key, cfg in (("weights", recipe.weights), ("activations", recipe.activations)):
+    for key, cfg, allowed in (
+        ("weights", recipe.weights, ("observer",)),
+        ("activations", recipe.activations, ("observer", "dynamic")),
+    ):
         _check(
-            cfg.method == "observer",
+            cfg.method in allowed,
             src,
             f"{key}.method",
             cfg.method,
-            "post-training quantization calibrates fixed grids: allowed: observer",
+            f"post-training quantization calibrates fixed grids or uses dynamic activations: allowed: {list(allowed)}",
         )
     if ptq.algorithm == "bitsplit":
         w = recipe.weights

@@ -5,6 +5,7 @@ import zipfile
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from lightning_quant import list_recipes, load_recipe
 from lightning_quant.examples import DigitsCNN
@@ -22,11 +23,21 @@ def test_required_recipes_ship():
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_recipe_loads_and_builds(name):
     recipe = load_recipe(name)
-    net = DigitsCNN(width=8)
+    if recipe.layers.types == ["Linear"]:  # transformer recipes: Linear layers, groups of up to 128 features
+        net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+        net[1] = nn.Linear(128, 128)
+        x = torch.randn(4, 128)
+        expected = 3 - sum(getattr(recipe.layers, k) == "float" for k in ("first_layer", "last_layer"))
+    else:
+        net = DigitsCNN(width=8)
+        x = torch.randn(4, 1, 8, 8)
+        edges_float = recipe.layers.first_layer == "float" and recipe.layers.last_layer == "float"
+        expected = 2 if edges_float else 4  # binary recipes keep first and last in float
     report = quantize_model(net, recipe.weights, recipe.activations, recipe.layers)
-    edges_float = recipe.layers.first_layer == "float" and recipe.layers.last_layer == "float"
-    assert len(report.quantized) == (2 if edges_float else 4)  # binary recipes keep first and last in float
-    out = net(torch.randn(4, 1, 8, 8))
+    assert len(report.quantized) == expected
+    out = net(x)
     out.sum().backward()
     assert torch.isfinite(out).all()
 
@@ -61,7 +72,7 @@ def test_load_by_path_dict_and_dictconfig(tmp_path):
         ("description: x\nweights:\n  bits: eight\n", r"bad\.yaml: .*'eight'.*weights\.bits"),
         (
             "description: x\nactivations:\n  granularity: per_channel\n",
-            r"activations\.granularity='per_channel'.*per_tensor only",
+            r"activations\.granularity='per_channel'.*quantized per_tensor, or per_token",
         ),
         ("description: x\nweights:\n  method: pact\n", r"weights\.method='pact'.*activation only"),
         ("description: x\nactivations:\n  observer: magic\n", r"activations\.observer='magic'.*allowed: \['ema'"),

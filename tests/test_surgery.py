@@ -168,6 +168,16 @@ def test_second_call_keeps_existing_quantizers():
     assert all(r.reason == "already quantized" for r in report.quantized)
 
 
+def test_second_call_keeps_first_and_last_layers_float():
+    """A second trainer.validate/predict prepares again; the edge layers left float must stay float."""
+    net = small_net()
+    sel = LayerSelection(first_layer="float", last_layer="float")
+    quantize_model(net, W4, A4, sel)
+    report = quantize_model(net, W4, A4, sel)
+    assert not isinstance(net[0], QuantizedLayer) and not isinstance(net[7], QuantizedLayer)
+    assert [r.status for r in report.layers][0] == "float"
+
+
 def test_conv_transpose_and_conv1d_3d():
     net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Conv1d(4, 4, 3), nn.Conv1d(4, 2, 3))
     quantize_model(net, QuantizerConfig(bits=4, granularity="per_channel"), A4)

@@ -1,6 +1,6 @@
 """Post-training algorithms (no Lightning import): calibration and reconstruction of quantized models."""
 
-from lightning_quant.algorithms import adaround, bitsplit, brecq, qdrop  # noqa: F401  (registers them)
+from lightning_quant.algorithms import adaround, bitsplit, brecq, gptq, normtweak, qdrop  # noqa: F401  (registers them)
 from lightning_quant.algorithms.reconstruction import PTQConfig, Step, calibrate, finalize, reconstruct, set_quant_state
 from lightning_quant.algorithms.registry import ALGORITHMS, register_algorithm
 from lightning_quant.algorithms.units import Unit, find_units

@@ -78,3 +78,54 @@ def capture(
         raise UnitSignatureError(f"'{unit.name}' was not reached once per batch ({len(ins)} of {len(batches)})")
     x = stored(torch.cat(ins), limit_mb)
     return x, (stored(torch.cat(outs), limit_mb) if outputs else None)
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture_calls(module: nn.Module, batches: Sequence[Any], run_batch: RunBatch) -> list[Call]:
+    """The positional and keyword arguments ``module`` is called with, once per batch, stopping there.
+
+    Unlike :func:`capture` this keeps any call signature (a transformer block's hidden states, attention
+    mask, position embeddings), so the block can be replayed with ``module(*args, **kwargs)``.
+    """
+    calls: list[Call] = []
+
+    def pre(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((_detached(args), _detached(kwargs)))
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_Stop):
+                run_batch(batch)
+    finally:
+        handle.remove()
+    if len(calls) != len(batches):
+        raise UnitSignatureError(
+            f"{type(module).__name__} was not reached once per batch ({len(calls)} of {len(batches)})"
+        )
+    return calls
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """A block's main output: the tensor itself, or the first item of a tuple/list (hidden states)."""
+    while isinstance(output, (tuple, list)) or hasattr(output, "to_tuple"):  # Hugging Face ModelOutput too
+        output = output.to_tuple()[0] if hasattr(output, "to_tuple") else output[0]
+    if not isinstance(output, torch.Tensor):
+        raise UnitSignatureError(f"a block returned {type(output).__name__}, not a tensor or a tuple of tensors")
+    return output

@@ -27,7 +27,7 @@ from lightning_quant.quantizers.adaround import AdaRound
 class PTQConfig:
     """Post-training settings (the ``ptq`` recipe section). Iteration counts default to the papers'."""
 
-    algorithm: str = "none"  # none (calibration only), adaround, brecq, qdrop, bitsplit
+    algorithm: str = "none"  # none (calibration only / RTN), adaround, brecq, qdrop, bitsplit, gptq, normtweak
     num_samples: int = 1024  # calibration samples drawn from the calibration dataloader
     dataloader: str = "train"  # which of the datamodule's dataloaders: train or val
     seed: int = 0  # fixes which samples are drawn and the reconstruction's randomness
@@ -43,6 +43,13 @@ class PTQConfig:
     drop_prob: float = 0.5  # QDrop: probability that an activation element stays in float
     sweeps: int = 3  # Bit-Split: alternating-optimisation rounds per layer
     cache_limit_mb: float = 1024  # above this, a unit's cached activations are memory-mapped from disk
+    blocks: Optional[str] = None  # GPTQ/Norm Tweaking: module whose children are the blocks; None: found
+    gptq_block_size: int = 128  # GPTQ: columns per lazy batch update
+    damp: float = 0.01  # GPTQ: dampening, fraction of the Hessian's mean diagonal added to it
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
+    norm_lr: float = 1e-5  # Norm Tweaking: Adam learning rate of the first block ...
+    norm_lr_slope: float = 1.0  # ... growing as lr * (1 + slope * block / blocks)
+    norm_epochs: int = 1  # Norm Tweaking: passes over the calibration batches per block
 
 
 @dataclass

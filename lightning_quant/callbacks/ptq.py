@@ -127,6 +127,15 @@ class PostTrainingQuantization(RecipeCallback):
     # -- set-up ------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        blocks = self.recipe.ptq.blocks
+        if blocks is not None:
+            try:
+                pl_module.get_submodule(blocks)
+            except AttributeError as err:
+                raise MisconfigurationException(
+                    f"{self.recipe.source}: ptq.blocks={blocks!r}: {type(pl_module).__name__} has no such module; "
+                    "name the module whose children are the blocks (e.g. 'model.encoder.layer')"
+                ) from err
         self.prepare(pl_module)
         if not self.calibrated:
             set_quant_state(pl_module, weights=False, activations=False)  # float until calibrated

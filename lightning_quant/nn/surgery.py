@@ -176,8 +176,8 @@ def quantize_model(
             continue
         seen.add(id(module))
         if isinstance(module, QuantizedLayer):
-            report.layers.append(_existing_row(name, module))
             seen.update(id(m) for m in module.modules())
+            candidates.append((name, module))  # kept as is, but counted so first/last stay the same layers
             continue
         if isinstance(module, (FoldedBatchNorm, OptionalStateModule)):
             seen.update(id(m) for m in module.modules())  # quantizers and their observers
@@ -199,6 +199,9 @@ def quantize_model(
         wcfg: Optional[QuantizerConfig] = weights if weights.enabled else None
         acfg: Optional[QuantizerConfig] = activations if activations.enabled else None
         reason = ""
+        if isinstance(module, QuantizedLayer):
+            report.layers.append(_existing_row(name, module))
+            continue
         if not _matches(name, layers.include) or _matches(name, layers.exclude):
             report.layers.append(
                 LayerReport(name, type(module).__name__, "float", reason="excluded by layers.include/exclude")

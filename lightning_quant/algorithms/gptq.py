@@ -1,0 +1,227 @@
+"""GPTQ (Frantar et al., ICLR 2023): one-shot weight quantization with second-order error compensation.
+
+For a Linear layer with weight ``W`` (C_out × K) and calibration inputs ``X``, GPTQ minimises
+``‖WX − ŴX‖²``. With the Hessian ``H = 2XXᵀ`` (dampened by a fraction of its mean diagonal), columns are
+quantized one at a time; each column's rounding error, divided by the diagonal of the upper Cholesky
+factor of ``H⁻¹``, is pushed onto the columns not yet quantized. Columns are processed in blocks of 128
+(lazy batch updates). Groups get their min-max range when their first column is reached, from the
+already error-updated weights; with ``act_order`` (columns by decreasing ``diag(H)``) the calibrated
+per-group ranges are kept instead, so that the group layout stays contiguous.
+
+Blocks (transformer layers) are processed in order: the Hessians of a block's layers come from inputs
+produced by the already quantized blocks before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lightning_quant.algorithms.capture import Call, RunBatch, _detached, _Stop
+from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, set_quant_state
+from lightning_quant.algorithms.registry import register_algorithm
+from lightning_quant.algorithms.units import Unit, find_units
+from lightning_quant.nn.modules import QuantizedLayer
+from lightning_quant.quantizers import ObserverQuantizer
+from lightning_quant.quantizers.functional import qparams_from_range
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n · Σ xxᵀ`` over the rows fed to a Linear layer (its quantized input, if any)."""
+
+    def __init__(self, layer: QuantizedLayer) -> None:
+        features = layer.weight.shape[1]  # type: ignore[index]
+        self.hessian = torch.zeros(features, features, device=layer.weight.device)  # type: ignore[union-attr]
+        self.rows = 0
+        self.layer = layer
+        self.handle = layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = self.layer.quantized_input(args[0].detach())
+        rows = x.reshape(-1, x.shape[-1]).float()
+        self.hessian.addmm_(rows.T, rows)
+        self.rows += rows.shape[0]
+
+    def result(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.hessian * (2.0 / max(self.rows, 1))
+
+
+def _grid(q: ObserverQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point (one per row of ``w``) on the quantizer's integer grid."""
+    lo, hi = torch.aminmax(w, dim=1)
+    return qparams_from_range(lo, hi, q.qmin, q.qmax, q.symmetric)
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    q: ObserverQuantizer,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, float]:
+    """Quantize ``weight`` (C, K) with GPTQ on the grid of ``q``; sets ``q``'s scales, returns (codes, error).
+
+    ``q`` must be per-tensor, per-channel along axis 0, or per-group along the rows. The returned codes
+    have the weight's shape and already include the zero point; the error is GPTQ's weighted loss
+    ``Σ (w − ŵ)² / [H⁻¹]_jj`` / 2, the layer's expected output error.
+    """
+    rows, cols = weight.shape
+    grouped = q.granularity == "per_group"
+    if q.granularity == "per_channel" and q.axis != 0:
+        raise ValueError("GPTQ quantizes per output channel (axis 0)")
+    gs = q.group_size if grouped else cols
+    if grouped and block_size % gs:
+        block_size = gs * max(1, block_size // gs)
+    w = weight.detach().clone().float()
+    h = hessian.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=w.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    per_group = cols // gs if grouped else 1
+    scale = q.scale.detach().clone().float().reshape(-1)
+    zero = q.zero_point.detach().clone().reshape(-1)
+    if q.granularity == "per_tensor":
+        scale, zero = scale.expand(rows).clone(), zero.expand(rows).clone()
+    if grouped:
+        scale, zero = scale.reshape(rows, per_group), zero.reshape(rows, per_group)
+    codes = torch.zeros_like(w)
+    loss = 0.0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            if grouped and not act_order and col % gs == 0:  # a new group: its range from the updated weights
+                s, z = _grid(q, w1[:, i : i + gs])
+                scale[:, col // gs], zero[:, col // gs] = s, z
+            s_col = scale[:, col // gs] if grouped else scale
+            z_col = (zero[:, col // gs] if grouped else zero).float()
+            c = torch.clamp(torch.round(w1[:, i] / s_col) + z_col, q.qmin, q.qmax)
+            wq = (c - z_col) * s_col
+            codes[:, i1 + i] = c
+            d = hinv1[i, i]
+            e = (w1[:, i] - wq) / d
+            loss += float((e * e).sum()) / 2
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    if grouped:
+        q.scale.copy_(scale.reshape(-1))
+        q.zero_point.copy_(zero.reshape(-1))
+    elif q.granularity == "per_tensor":
+        pass  # one shared grid, unchanged
+    return out, loss
+
+
+def _supported(layer: QuantizedLayer, name: str) -> Optional[ObserverQuantizer]:
+    q = layer.weight_quantizer
+    if not isinstance(q, ObserverQuantizer) or not q.fake_quant_enabled:
+        return None
+    if not isinstance(layer, nn.Linear) or (q.granularity == "per_channel" and q.axis != 0):
+        warnings.warn(
+            f"gptq: '{name}' ({type(layer).__name__}) is not a Linear layer; kept nearest rounding", stacklevel=3
+        )
+        return None
+    return q
+
+
+def gptq_unit(
+    model: nn.Module,
+    unit: Unit,
+    batches: Sequence[Any],
+    run_batch: RunBatch,
+    cfg: PTQConfig,
+    calls: Optional[list[Call]] = None,
+) -> dict[str, float]:
+    """GPTQ every Linear layer of ``unit`` from Hessians gathered in one pass (the unit's weights in float).
+
+    When ``calls`` is a list, the arguments the unit's first module receives are appended to it on the way.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = [(layer, q) for layer in unit.layers() if (q := _supported(layer, names.get(id(layer), "?"))) is not None]
+    if not targets:
+        return {}
+    for _, q in targets:
+        q.fake_quant_enabled = False  # the block's own layers run in float while their Hessians are gathered
+    accumulators = [HessianAccumulator(layer) for layer, _ in targets]
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    handles = [unit.modules[-1].register_forward_hook(stop)]
+    if calls is not None:
+        handles.append(
+            unit.modules[0].register_forward_pre_hook(
+                lambda _, args, kwargs: calls.append((_detached(args), _detached(kwargs))), with_kwargs=True
+            )
+        )
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Stop):
+                    run_batch(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        hessians = [a.result() for a in accumulators]
+        for _, q in targets:
+            q.fake_quant_enabled = True
+    errors: dict[str, float] = {}
+    for (layer, q), hessian in zip(targets, hessians):
+        codes, err = gptq_quantize(layer.weight_to_quantize(), hessian, q, cfg.gptq_block_size, cfg.damp, cfg.act_order)
+        q.set_codes(codes.reshape(layer.weight.shape))  # type: ignore[union-attr]
+        errors[names.get(id(layer), "?")] = err
+    return errors
+
+
+def transformer_units(model: nn.Module, cfg: PTQConfig) -> list[Unit]:
+    """Blocks for LLM methods: the elements of ``cfg.blocks`` (a module name) if set, else found on the tree."""
+    if cfg.blocks is None:
+        return find_units(model, blocks=True)
+    try:
+        holder = model.get_submodule(cfg.blocks)
+    except AttributeError as err:
+        raise ValueError(f"ptq.blocks={cfg.blocks!r}: the model has no such module") from err
+    inside = {id(m) for m in holder.modules()}
+    units = [Unit(f"{cfg.blocks}.{name}", [child]) for name, child in holder.named_children()]
+    units += [u for u in find_units(model, blocks=False) if id(u.modules[0]) not in inside]
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    return sorted(units, key=lambda u: order[id(u.modules[0])])
+
+
+@register_algorithm("gptq")
+def gptq(
+    model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
+) -> dict[str, list[float]]:
+    """GPTQ block by block; returns each layer's GPTQ error as a one-point curve."""
+    units = transformer_units(model, cfg)
+    curves: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for index, unit in enumerate(units):
+            errors = gptq_unit(model, unit, batches, run_batch, cfg)
+            curves.update({k: [v] for k, v in errors.items()})
+            if progress is not None:
+                progress(Step("gptq", unit.name, index, len(units), 1, 1, sum(errors.values())))
+    finally:
+        set_quant_state(model, weights=True, activations=True)
+        model.train(was_training)
+    return curves

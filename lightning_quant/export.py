@@ -1,0 +1,414 @@
+"""Export a quantized or binarized model for real low-bit inference: ONNX QDQ, a PyTorch int8 graph, packed bits.
+
+* ``format="onnx"``: every quantized layer becomes ``QuantizeLinear → DequantizeLinear`` on its input
+  (int8/uint8, per tensor) and an int8 weight initializer with ``DequantizeLinear`` (per tensor or per
+  output channel). onnxruntime fuses these pairs into integer kernels (QLinearConv, QGemm, ...). The graph
+  comes from ``torch.onnx.export`` (the ``torch.export``-based exporter); weights are then stored as int8.
+* ``format="torch"``: the same quantize/dequantize pattern with torch's ``quantized_decomposed`` ops,
+  captured with ``torch.export``; :func:`compile_int8` lowers it with inductor (freezing on), whose x86
+  passes replace the patterns by oneDNN int8 convolutions and matmuls, as torchao's pt2e flow does.
+* ``format="packed"``: binary (1-bit) weights stored 8 per byte with their scales; :func:`load_packed`
+  rebuilds a runnable module that unpacks them.
+
+Only grids that the target can represent are exported; anything else raises :class:`ExportError` naming
+the layer. Example::
+
+    export(model, torch.randn(1, 1, 8, 8), "model.onnx")
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_quant.nn.modules import FoldedBatchNorm, QuantizedLayer, _QuantConvNd
+from lightning_quant.nn.surgery import quantized_layers
+from lightning_quant.quantizers import LSQQuantizer, ObserverQuantizer, PACTQuantizer, Quantizer
+from lightning_quant.quantizers.binary import BinaryQuantizer
+
+FORMATS = ("onnx", "torch", "packed")
+
+
+class ExportError(ValueError):
+    """A model (or one of its layers) that the chosen format cannot represent; the message names the layer."""
+
+
+@dataclass
+class AffineGrid:
+    """An integer grid ``x ≈ (q − zero_point)·scale``, ``q ∈ [qmin, qmax]``; per tensor (axis None) or per channel."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+    axis: Optional[int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int8 if self.qmin < 0 else torch.uint8
+
+    def check_8bit(self, name: str) -> None:
+        if self.qmin < -128 or self.qmax > 255 or (self.qmin < 0 and self.qmax > 127):
+            raise ExportError(f"'{name}': grid [{self.qmin}, {self.qmax}] does not fit int8/uint8")
+
+
+def affine_grid(q: Quantizer, name: str) -> AffineGrid:
+    """The integer grid a trained/calibrated quantizer applies, if it is a uniform affine one."""
+    if isinstance(q, BinaryQuantizer):
+        raise ExportError(f"'{name}': {type(q).__name__} is binary; export it with format='packed'")
+    if q.granularity == "per_group":
+        raise ExportError(f"'{name}': per-group weights (group_size={q.group_size}) have no int8 QDQ form here")
+    axis = None if q.granularity == "per_tensor" else q.axis
+    if isinstance(q, ObserverQuantizer):
+        scale, zp = q.scale.detach().float(), q.zero_point.detach().to(torch.int32)
+    elif isinstance(q, LSQQuantizer):
+        if q.offset is not None:
+            raise ExportError(f"'{name}': LSQ+ learned a real-valued offset; QuantizeLinear needs an integer one")
+        scale = q.scale.detach().abs().float()
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    elif isinstance(q, PACTQuantizer):
+        scale = (q.alpha.detach().abs() / q.qmax).float().reshape(-1)
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        raise ExportError(
+            f"'{name}': {type(q).__name__} is not a uniform affine grid with an integer zero point "
+            "(export supports observer, LSQ and PACT quantizers)"
+        )
+    qmin = -q.qmax if isinstance(q, PACTQuantizer) and bool(q.signed) else q.qmin
+    if axis is None:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    return AffineGrid(scale, zp, qmin, q.qmax, axis)
+
+
+def _full_range(grid: AffineGrid) -> tuple[int, int]:
+    return (-128, 127) if grid.dtype == torch.int8 else (0, 255)
+
+
+def _narrow(x: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
+    """Clamp to a grid narrower than its 8-bit container (e.g. 4-bit activations): same codes, exportable ops."""
+    if (grid.qmin, grid.qmax) == _full_range(grid) or grid.axis is not None:
+        return x
+    lo = (grid.qmin - float(grid.zero_point)) * float(grid.scale)
+    hi = (grid.qmax - float(grid.zero_point)) * float(grid.scale)
+    return torch.clamp(x, lo, hi)
+
+
+def _fake_quant(x: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
+    lo, hi = _full_range(grid)
+    if grid.axis is None:
+        return torch.fake_quantize_per_tensor_affine(_narrow(x, grid), grid.scale, grid.zero_point, lo, hi)
+    return torch.fake_quantize_per_channel_affine(x, grid.scale, grid.zero_point, grid.axis, lo, hi)
+
+
+def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weight exactly as the quantized model uses it (on its grid) and the bias, BatchNorm folded in."""
+    with torch.no_grad():
+        w = layer.quantized_weight().detach().clone()
+        bias = layer.bias.detach().clone() if layer.bias is not None else None  # type: ignore[union-attr]
+        if isinstance(layer, _QuantConvNd) and layer.folded_bn is not None:
+            bn = layer.folded_bn
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+            base = bias if bias is not None else torch.zeros_like(bn.running_mean)
+            bias = (beta + (base - bn.running_mean) * layer._fold_factor()).detach()
+    return w, bias
+
+
+class DeployLayer(nn.Module):
+    """A quantized Linear/Conv as an explicit quantize-dequantize graph, for exporters.
+
+    ``mode="fake"`` uses torch's fake-quant ops (the ONNX exporter turns them into QuantizeLinear/
+    DequantizeLinear); ``mode="decomposed"`` holds int8 weights and uses ``quantized_decomposed`` ops,
+    the pattern inductor lowers to int8 kernels.
+    """
+
+    def __init__(self, layer: QuantizedLayer, name: str, mode: str) -> None:
+        super().__init__()
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise ExportError(
+                f"'{name}': {type(layer).__name__} layers are not exportable (Linear and Conv1d/2d/3d are)"
+            )
+        self.mode = mode
+        self.kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+        self.conv_args: tuple[Any, ...] = ()
+        if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ExportError(
+                    f"'{name}': padding_mode={layer.padding_mode!r}/padding={layer.padding!r} not exported"
+                )
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+            self.conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.weight.dim() - 2]
+        weight, bias = _deploy_weight_bias(layer)
+        self.input_grid = None
+        if layer.input_quantizer is not None and layer.input_quantizer.fake_quant_enabled:
+            self.input_grid = affine_grid(layer.input_quantizer, f"{name}.input_quantizer")
+            self.input_grid.check_8bit(f"{name}.input_quantizer")
+        self.weight_grid = None
+        if layer.weight_quantizer is not None and layer.weight_quantizer.fake_quant_enabled:
+            self.weight_grid = affine_grid(layer.weight_quantizer, f"{name}.weight_quantizer")
+            if self.weight_grid.dtype != torch.int8:
+                raise ExportError(f"'{name}': weights need a signed grid for int8 export")
+            if self.weight_grid.axis not in (None, 0):
+                raise ExportError(
+                    f"'{name}': weights quantized along axis {self.weight_grid.axis}; export needs axis 0"
+                )
+        if mode == "decomposed" and self.weight_grid is not None:
+            codes = _codes(weight, self.weight_grid)
+            self.register_buffer("weight_int8", codes.to(torch.int8))
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.input_grid
+        if g is None:
+            return x
+        if self.mode == "fake":
+            return _fake_quant(x, g)
+        ops = torch.ops.quantized_decomposed
+        lo, hi = _full_range(g)
+        q = ops.quantize_per_tensor(_narrow(x, g), float(g.scale), int(g.zero_point), lo, hi, g.dtype)
+        return ops.dequantize_per_tensor(q, float(g.scale), int(g.zero_point), lo, hi, g.dtype)
+
+    def _weight(self) -> torch.Tensor:
+        g = self.weight_grid
+        if g is None:
+            return self.weight  # type: ignore[return-value]
+        if self.mode == "fake":
+            return _fake_quant(self.weight, g)  # type: ignore[arg-type]
+        ops = torch.ops.quantized_decomposed
+        if g.axis is None:
+            return ops.dequantize_per_tensor(self.weight_int8, float(g.scale), int(g.zero_point), -128, 127, torch.int8)
+        return ops.dequantize_per_channel(self.weight_int8, g.scale, g.zero_point, 0, -128, 127, torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, w = self._input(x), self._weight()
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        return self.conv_fn(x, w, self.bias, *self.conv_args)
+
+
+def _codes(w: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
+    shape = [1] * w.dim()
+    if grid.axis is not None:
+        shape[grid.axis] = -1
+    s, zp = grid.scale.reshape(shape), grid.zero_point.reshape(shape)
+    return torch.clamp(torch.round(w / s) + zp, grid.qmin, grid.qmax)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def deploy_model(model: nn.Module, mode: str = "fake") -> nn.Module:
+    """A copy of ``model`` in eval mode where every quantized layer is a :class:`DeployLayer`."""
+    deployed = copy.deepcopy(model).eval()
+    layers = quantized_layers(deployed)
+    if not layers:
+        raise ExportError(f"{type(model).__name__} has no quantized layer: quantize it (a callback) before export")
+    for name, layer in layers:
+        _replace(deployed, name, DeployLayer(layer, name, mode))
+    for name, module in list(deployed.named_modules()):
+        if isinstance(module, FoldedBatchNorm):
+            _replace(deployed, name, nn.Identity())  # its affine moved into the conv's bias
+        elif isinstance(module, Quantizer):
+            raise ExportError(f"'{name}': {type(module).__name__} outside a Linear/Conv layer cannot be exported")
+    return deployed
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------------
+def _int8_weights(proto: Any) -> None:
+    """Replace ``float initializer → QuantizeLinear`` by the int8 initializer itself (4x smaller files)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def value(name: str) -> np.ndarray:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(constants[name].attribute[0].t)
+
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        scale, zp = value(node.input[1]).astype(np.float32), value(node.input[2])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            scale, zp_b = scale.reshape(shape), zp.astype(np.int32).reshape(shape)
+        else:
+            zp_b = zp.astype(np.int32)
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(w / scale) + zp_b, info.min, info.max).astype(zp.dtype)
+        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+        graph.node.remove(node)
+        uses[node.input[0]] -= 1
+        if uses[node.input[0]] == 0:
+            graph.initializer.remove(inits.pop(node.input[0]))
+
+
+def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Dimension 0 of every tensor argument is the batch and stays dynamic in exported graphs."""
+    return tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) else None for a in args)
+
+
+def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], opset: int = 18) -> Path:
+    """Write ``model`` as an ONNX QDQ graph with int8 weights; checked with ``onnx.checker``."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise ImportError("ONNX export needs the optional extra: pip install 'lightning-quant[export]'") from err
+    deployed = deploy_model(model, "fake")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            deployed, args, dynamo=True, opset_version=opset, verbose=False, dynamic_shapes=_batch_dims(args)
+        )
+    proto = program.model_proto
+    _int8_weights(proto)
+    onnx.checker.check_model(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+# -- PyTorch int8 (torch.export + inductor) -------------------------------------------------------------------
+def export_torch(model: nn.Module, example_input: Any, path: Optional[Union[str, Path]] = None) -> Any:
+    """``torch.export`` program of the int8 quantize/dequantize graph (saved with ``torch.export.save`` if ``path``)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
+
+    deployed = deploy_model(model, "decomposed")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    program = torch.export.export(deployed, args, dynamic_shapes=_batch_dims(args))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(path))
+    return program
+
+
+def compile_int8(program: Any) -> Any:
+    """Compile an exported int8 program with inductor and freezing, so that its x86 passes pick oneDNN int8 kernels."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(program.module())
+
+
+# -- packed binary weights -----------------------------------------------------------------------------------
+class PackedBinaryLayer(nn.Module):
+    """A binary Linear/Conv whose weight is stored as packed sign bits (1 bit per weight) and per-channel scales.
+
+    The input keeps the trained model's activation quantizer (sign, RSign shift, ...). ``forward`` unpacks
+    the signs (cached after the first call), as no maintained PyTorch library ships a packed-bit kernel.
+    """
+
+    def __init__(self, layer: QuantizedLayer, name: str) -> None:
+        super().__init__()
+        w, bias = _deploy_weight_bias(layer)
+        flat = w.reshape(w.shape[0], -1)
+        alpha = flat.abs().amax(dim=1)
+        if not torch.allclose(flat.abs(), alpha[:, None].expand_as(flat), rtol=1e-5, atol=1e-8):
+            raise ExportError(f"'{name}': weight is not ±alpha per output channel; only 1-bit weights can be packed")
+        bits = (flat > 0).reshape(-1)
+        pad = (-bits.numel()) % 8
+        bits = torch.cat([bits, bits.new_zeros(pad)]).reshape(-1, 8).to(torch.uint8)
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        self.register_buffer("packed", (bits * weights).sum(dim=1).to(torch.uint8))
+        self.register_buffer("alpha", alpha.float())
+        self.register_buffer("bias", bias)
+        self.shape = tuple(w.shape)
+        self.kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+        self.conv_args: tuple[Any, ...] = ()
+        if self.kind == "conv":
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)  # type: ignore[attr-defined]
+            self.conv_fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
+        self.input_quantizer = layer.input_quantizer
+        self._weight: Optional[torch.Tensor] = None
+
+    def signs(self) -> torch.Tensor:
+        """The ±1 signs unpacked from the stored bits, in the weight's shape."""
+        shifts = torch.arange(7, -1, -1, device=self.packed.device, dtype=torch.uint8)
+        bits = (self.packed[:, None] >> shifts) & 1
+        n = 1
+        for d in self.shape:
+            n *= d
+        return (bits.reshape(-1)[:n].float() * 2 - 1).reshape(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight is None:
+            self._weight = self.signs() * self.alpha.reshape(-1, *([1] * (len(self.shape) - 1)))
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.kind == "linear":
+            return F.linear(x, self._weight, self.bias)
+        return self.conv_fn(x, self._weight, self.bias, *self.conv_args)
+
+
+def pack_binary(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose binary-weight layers are :class:`PackedBinaryLayer` (other layers unchanged)."""
+    packed = copy.deepcopy(model).eval()
+    found = 0
+    for name, layer in quantized_layers(packed):
+        q = layer.weight_quantizer
+        if isinstance(q, BinaryQuantizer) and q.bits_per_weight == 1 and q.fake_quant_enabled:
+            _replace(packed, name, PackedBinaryLayer(layer, name))
+            found += 1
+    if not found:
+        raise ExportError(f"{type(model).__name__} has no 1-bit weight layer to pack")
+    for name, module in list(packed.named_modules()):
+        if isinstance(module, FoldedBatchNorm):
+            _replace(packed, name, nn.Identity())
+    return packed
+
+
+def save_packed(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Save the packed model (module and buffers, latent float weights dropped) with ``torch.save``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pack_binary(model), path)
+    return path
+
+
+def load_packed(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
+    """Load a model saved by :func:`save_packed`; it runs as is (signs are unpacked on the first call).
+
+    The file is a pickled module, so only load files you trust.
+    """
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def export(model: nn.Module, example_input: Any, path: Union[str, Path], format: str = "onnx") -> Path:
+    """Export a quantized model to ``path`` in ``format`` (``onnx``, ``torch`` or ``packed``); see the module doc."""
+    if format not in FORMATS:
+        raise ExportError(f"format={format!r} is not supported; allowed: {list(FORMATS)}")
+    was_training = model.training
+    model.eval()
+    try:
+        if format == "onnx":
+            return export_onnx(model, example_input, path)
+        if format == "torch":
+            export_torch(model, example_input, path)
+            return Path(path)
+        return save_packed(model, path)
+    finally:
+        model.train(was_training)
