@@ -7,6 +7,7 @@ from lightning_quant.callbacks import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
 )
+from lightning_quant.deploy import ExportError, export, load_packed
 from lightning_quant.nn import dequantize_model, quantize_model, summarize
 from lightning_quant.recipes import Recipe, RecipeError, list_recipes, load_recipe
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Binarization",
+    "ExportError",
     "IncrementalQuantization",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
@@ -21,7 +23,9 @@ __all__ = [
     "RecipeError",
     "__version__",
     "dequantize_model",
+    "export",
     "list_recipes",
+    "load_packed",
     "load_recipe",
     "quantize_model",
     "summarize",

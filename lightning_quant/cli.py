@@ -19,7 +19,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
-from lightning_quant.callbacks import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant.callbacks import (
+    Binarization,
+    IncrementalQuantization,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
+from lightning_quant.callbacks.base import load_quantizer_state
+from lightning_quant.deploy import ExportError, export, format_for
 from lightning_quant.examples import DigitsDataModule, ImageClassifier
 from lightning_quant.nn import summarize
 from lightning_quant.nn.surgery import format_table
@@ -77,6 +84,17 @@ def _trainer(epochs: int, logger: Any, callbacks: list[Any], root: Path) -> pl.T
     )
 
 
+def callback_for(recipe: Recipe) -> pl.Callback:
+    """The callback that runs a recipe of this kind."""
+    kinds = {
+        "qat": QuantizationAwareTraining,
+        "ptq": PostTrainingQuantization,
+        "binary": Binarization,
+        "inq": IncrementalQuantization,
+    }
+    return kinds[recipe.kind](recipe)
+
+
 def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     """The main job; returns the numbers it prints."""
     overrides = list(args.set or [])
@@ -120,8 +138,9 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     # 2. quantization-aware fine-tuning (kind: qat) or post-training quantization (kind: ptq) under the recipe
     logger = _make_logger(args.logger, out_dir, recipe.name)
     start = time.perf_counter()
+    callback = callback_for(recipe)
     if recipe.kind == "ptq":
-        trainer = _trainer(1, logger, [PostTrainingQuantization(recipe)], out_dir)
+        trainer = _trainer(1, logger, [callback], out_dir)
         quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))  # calibrates first
         qat_time = time.perf_counter() - start
     else:
@@ -129,11 +148,20 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
             model.hparams.update(
                 optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
             )
-        trainer = _trainer(tr.epochs, logger, [QuantizationAwareTraining(recipe)], out_dir)
+        trainer = _trainer(tr.epochs, logger, [callback], out_dir)
         trainer.fit(model, datamodule=datamodule)
         qat_time = time.perf_counter() - start
         quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))
     quant_summary = summarize(model)
+    if args.checkpoint:
+        trainer.save_checkpoint(args.checkpoint)  # written to a temporary file first, then renamed
+        print(f"quantized checkpoint: {args.checkpoint}")
+    if args.export:
+        example = next(iter(datamodule.test_dataloader()))[0][:1]
+        try:
+            print(f"exported: {export(model, example, args.export, format_for(args.export, args.format))}")
+        except ExportError as err:
+            raise SystemExit(f"error: cannot export {recipe.name}: {err}") from err
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()  # flush the run (offline runs are then ready for `wandb sync`)
     result = {
@@ -173,6 +201,34 @@ def _print_recipes(args: argparse.Namespace) -> None:
     print(format_table(("recipe", "description"), rows))
 
 
+def run_export(args: argparse.Namespace) -> None:
+    """Rebuild the quantized model from a checkpoint and its recipe, then export it."""
+    try:
+        recipe = load_recipe(args.recipe, list(args.set or []))
+        fmt = format_for(args.output, args.format)
+    except (RecipeError, ExportError) as err:
+        raise SystemExit(f"error: {err}") from err
+    model: pl.LightningModule = _import(args.model, "model")() if args.model else ImageClassifier()
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    saved = checkpoint.get("lightning_quant")
+    if saved is None:
+        raise SystemExit(f"error: {args.checkpoint} holds no lightning-quant state (save it after quantizing)")
+    callback = callback_for(recipe)
+    if not hasattr(callback, "prepare"):
+        raise SystemExit(f"error: {recipe.name}: kind {recipe.kind!r} has no quantizers to export")
+    callback.prepare(model)  # type: ignore[attr-defined]
+    model.load_state_dict(checkpoint["state_dict"], strict=False)
+    load_quantizer_state(model, saved["quantizer_state"])
+    model.eval()
+    example = torch.zeros(args.input_shape) if args.input_shape else getattr(model, "example_input_array", None)
+    if example is None:
+        raise SystemExit("error: give --input-shape (the model has no example_input_array)")
+    try:
+        print(f"exported {recipe.name} ({fmt}): {export(model, example, args.output, fmt)}")
+    except ExportError as err:
+        raise SystemExit(f"error: cannot export {recipe.name}: {err}") from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``lightning-quant`` command."""
     parser = argparse.ArgumentParser(prog="lightning-quant", description=__doc__.split("\n\n")[0])
@@ -199,7 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--cache-dir", default=str(_default_cache()), help="where float baselines are cached")
     fit.add_argument("--retrain", action="store_true", help="ignore a cached float baseline")
     fit.add_argument("--output-dir", default="lightning_logs", help="logs go here")
+    fit.add_argument("--checkpoint", help="save the quantized model as a Lightning checkpoint here")
+    fit.add_argument("--export", help="export the quantized model here (.onnx, .pt2 or .packed)")
+    fit.add_argument("--format", choices=["onnx", "torch", "packed"], help="export format (default: from the suffix)")
     fit.set_defaults(func=run_fit)
+    exp = sub.add_parser(
+        "export",
+        help="export a quantized checkpoint to ONNX, a PyTorch int8 program or packed binary weights",
+        description="Rebuild the quantized model from a checkpoint and the recipe it was made with, then export it.",
+    )
+    exp.add_argument("--checkpoint", required=True, help="Lightning checkpoint saved after quantization")
+    exp.add_argument("--recipe", required=True, help="the recipe the checkpoint was quantized with")
+    exp.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="the same recipe overrides")
+    exp.add_argument("--output", required=True, help="file to write (.onnx, .pt2 or .packed)")
+    exp.add_argument("--format", choices=["onnx", "torch", "packed"], help="default: from the --output suffix")
+    exp.add_argument("--model", help="LightningModule class as 'pkg.module:Class' (default: the digits demo model)")
+    exp.add_argument("--input-shape", type=int, nargs="+", help="example input shape (default: example_input_array)")
+    exp.set_defaults(func=run_export)
     rec = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
     rec.set_defaults(func=_print_recipes)
     return parser

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from typing_extensions import override
 
+from lightning_quant.deploy import FORMATS, ExportError, export, format_for
 from lightning_quant.nn import QuantizationReport, quantize_model, quantized_layers
 from lightning_quant.quantizers import Quantizer
 from lightning_quant.recipes import Recipe, RecipeError, load_recipe
@@ -53,6 +54,8 @@ class RecipeCallback(Callback):
         overrides: Optional[list[str]] = None,
         weight_bits: Optional[int] = None,
         activation_bits: Optional[int] = None,
+        export_path: Optional[str] = None,
+        export_format: Optional[str] = None,
     ) -> None:
         extra = list(overrides or [])
         if weight_bits is not None:
@@ -65,6 +68,15 @@ class RecipeCallback(Callback):
             raise MisconfigurationException(str(err)) from err
         self.check_recipe(self.recipe)
         self.report: Optional[QuantizationReport] = None
+        self.export_path = export_path
+        self.export_format = export_format
+        if export_path is not None:
+            try:
+                self.export_format = format_for(export_path, export_format)
+            except ExportError as err:
+                raise MisconfigurationException(str(err)) from err
+            if self.export_format not in FORMATS:
+                raise MisconfigurationException(f"export_format={export_format!r}; allowed: {list(FORMATS)}")
 
     def check_recipe(self, recipe: Recipe) -> None:
         """Refuse recipes this callback cannot run (before anything else happens)."""
@@ -93,6 +105,30 @@ class RecipeCallback(Callback):
         if self.recipe.diagnostics.summary and not already:
             rank_zero_info(f"lightning-quant: recipe {self.recipe.name!r}\n{self.report.table()}")
         return already
+
+    def export_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> None:
+        """Write the quantized model to ``export_path`` (rank 0 only), if one was given.
+
+        The example input is ``pl_module.example_input_array``, else the first sample of ``batch`` or of the
+        datamodule's train dataloader.
+        """
+        if self.export_path is None or not trainer.is_global_zero:
+            return
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None and batch is None and trainer.datamodule is not None:
+            batch = next(iter(trainer.datamodule.train_dataloader()))
+        if example is None and batch is not None:
+            example = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if not isinstance(example, torch.Tensor):
+            raise MisconfigurationException(
+                "lightning-quant: export needs a tensor example input; set `example_input_array` on the LightningModule"
+            )
+        was_training = pl_module.training
+        try:
+            path = export(pl_module, example[:1], self.export_path, self.export_format)
+        finally:
+            pl_module.train(was_training)
+        rank_zero_info(f"lightning-quant: exported {self.recipe.name} ({self.export_format}) to {path}")
 
     # -- evaluation --------------------------------------------------------------------------------------
     def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -48,8 +48,10 @@ class Binarization(QuantizationAwareTraining):
         self,
         recipe: Union[str, dict, DictConfig, Recipe] = "bnn",
         overrides: Optional[list[str]] = None,
+        export_path: Optional[str] = None,
+        export_format: Optional[str] = None,
     ) -> None:
-        super().__init__(recipe, overrides)
+        super().__init__(recipe, overrides, export_path=export_path, export_format=export_format)
         self._signs: dict[str, torch.Tensor] = {}
 
     @staticmethod

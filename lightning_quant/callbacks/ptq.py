@@ -77,6 +77,8 @@ class PostTrainingQuantization(RecipeCallback):
         calibration_dataloader: ``"train"`` or ``"val"`` (the datamodule's), or any iterable of batches.
         at_fit_end: also quantize when ``fit`` ends (validation inside ``fit`` always runs in float).
         compare_float: log output SQNR and top-1 agreement against the float model during evaluation.
+        export_path / export_format: write the quantized model there once it is calibrated (format from the
+            suffix: .onnx, .pt2 for the PyTorch int8 program, .packed for binary weights).
     """
 
     kinds = ("ptq", "qat")
@@ -93,6 +95,8 @@ class PostTrainingQuantization(RecipeCallback):
         calibration_dataloader: Union[str, Iterable, None] = None,
         at_fit_end: bool = False,
         compare_float: bool = True,
+        export_path: Optional[str] = None,
+        export_format: Optional[str] = None,
     ) -> None:
         extra = list(overrides or [])
         for key, value in (("num_samples", num_samples), ("iters", iters), ("seed", seed)):
@@ -100,7 +104,7 @@ class PostTrainingQuantization(RecipeCallback):
                 extra.append(f"ptq.{key}={value}")
         if isinstance(calibration_dataloader, str):
             extra.append(f"ptq.dataloader={calibration_dataloader}")
-        super().__init__(recipe, extra, weight_bits, activation_bits)
+        super().__init__(recipe, extra, weight_bits, activation_bits, export_path, export_format)
         self.calibration_data = None if isinstance(calibration_dataloader, str) else calibration_dataloader
         self.at_fit_end = at_fit_end
         self.compare_float = compare_float
@@ -240,6 +244,7 @@ class PostTrainingQuantization(RecipeCallback):
         pl_module.train(was_training)
         self.calibrated = True
         self._log_results(trainer, pl_module, batches)
+        self.export_model(trainer, pl_module, batches[0])
 
     @staticmethod
     def _broadcast_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -33,6 +33,8 @@ class QuantizationAwareTraining(RecipeCallback):
         overrides: ``"key.path=value"`` strings applied on top of the recipe.
         weight_bits: shortcut for ``weights.bits=...``.
         activation_bits: shortcut for ``activations.bits=...``.
+        export_path: write the quantized model there when ``fit`` ends (format from the suffix: .onnx,
+            .pt2 for the PyTorch int8 program, .packed for binary weights; or ``export_format``).
     """
 
     kinds = ("qat",)
@@ -43,11 +45,19 @@ class QuantizationAwareTraining(RecipeCallback):
         overrides: Optional[list[str]] = None,
         weight_bits: Optional[int] = None,
         activation_bits: Optional[int] = None,
+        export_path: Optional[str] = None,
+        export_format: Optional[str] = None,
     ) -> None:
-        super().__init__(recipe, overrides, weight_bits, activation_bits)
+        super().__init__(recipe, overrides, weight_bits, activation_bits, export_path, export_format)
         self.quant_steps = 0  # training steps taken with quantization on
         self._active = False
         self._warned_uninitialized = False
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_path is not None:
+            self._set_flags(pl_module, enabled=True, observing=False)
+            self.export_model(trainer, pl_module)
 
     # -- model preparation -------------------------------------------------------------------------------
     @override

@@ -3,10 +3,10 @@
 * ``format="onnx"``: every quantized layer becomes ``QuantizeLinear → DequantizeLinear`` on its input
   (int8/uint8, per tensor) and an int8 weight initializer with ``DequantizeLinear`` (per tensor or per
   output channel). onnxruntime fuses these pairs into integer kernels (QLinearConv, QGemm, ...). The graph
-  comes from ``torch.onnx.export`` (the ``torch.export``-based exporter); weights are then stored as int8.
-* ``format="torch"``: the same quantize/dequantize pattern with torch's ``quantized_decomposed`` ops,
-  captured with ``torch.export``; :func:`compile_int8` lowers it with inductor (freezing on), whose x86
-  passes replace the patterns by oneDNN int8 convolutions and matmuls, as torchao's pt2e flow does.
+  comes from ``torch.onnx.export`` (the ``torch.export``-based exporter), with a dynamic batch dimension.
+* ``format="torch"``: the same graph as a ``torch.export`` program (torch's ``quantized_decomposed`` ops,
+  the representation torchao's pt2e ``convert_pt2e`` produces); :func:`compile_int8` lowers it with inductor
+  and freezing, whose x86 passes replace the patterns by oneDNN int8 convolutions and matmuls.
 * ``format="packed"``: binary (1-bit) weights stored 8 per byte with their scales; :func:`load_packed`
   rebuilds a runnable module that unpacks them.
 
@@ -100,13 +100,6 @@ def _narrow(x: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
     return torch.clamp(x, lo, hi)
 
 
-def _fake_quant(x: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
-    lo, hi = _full_range(grid)
-    if grid.axis is None:
-        return torch.fake_quantize_per_tensor_affine(_narrow(x, grid), grid.scale, grid.zero_point, lo, hi)
-    return torch.fake_quantize_per_channel_affine(x, grid.scale, grid.zero_point, grid.axis, lo, hi)
-
-
 def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight exactly as the quantized model uses it (on its grid) and the bias, BatchNorm folded in."""
     with torch.no_grad():
@@ -121,23 +114,21 @@ def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[t
 
 
 class DeployLayer(nn.Module):
-    """A quantized Linear/Conv as an explicit quantize-dequantize graph, for exporters.
+    """A quantized Linear/Conv as an explicit int8 graph: quantize → dequantize on the input, int8 weight → dequantize.
 
-    ``mode="fake"`` uses torch's fake-quant ops (the ONNX exporter turns them into QuantizeLinear/
-    DequantizeLinear); ``mode="decomposed"`` holds int8 weights and uses ``quantized_decomposed`` ops,
-    the pattern inductor lowers to int8 kernels.
+    It uses torch's ``quantized_decomposed`` ops, which ``torch.onnx.export`` turns into
+    QuantizeLinear/DequantizeLinear with an int8 initializer and which inductor lowers to int8 kernels.
     """
 
-    def __init__(self, layer: QuantizedLayer, name: str, mode: str) -> None:
+    def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise ExportError(
                 f"'{name}': {type(layer).__name__} layers are not exportable (Linear and Conv1d/2d/3d are)"
             )
-        self.mode = mode
         self.kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         self.conv_args: tuple[Any, ...] = ()
-        if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 raise ExportError(
                     f"'{name}': padding_mode={layer.padding_mode!r}/padding={layer.padding!r} not exported"
@@ -145,22 +136,23 @@ class DeployLayer(nn.Module):
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
             self.conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.weight.dim() - 2]
         weight, bias = _deploy_weight_bias(layer)
-        self.input_grid = None
+        self.input_grid: Optional[AffineGrid] = None
         if layer.input_quantizer is not None and layer.input_quantizer.fake_quant_enabled:
-            self.input_grid = affine_grid(layer.input_quantizer, f"{name}.input_quantizer")
-            self.input_grid.check_8bit(f"{name}.input_quantizer")
-        self.weight_grid = None
+            grid = affine_grid(layer.input_quantizer, f"{name}.input_quantizer")
+            grid.check_8bit(f"{name}.input_quantizer")
+            if grid.dtype == torch.int8:  # the same codes shifted by 128: x86 int8 kernels take uint8 activations
+                grid = AffineGrid(grid.scale, grid.zero_point + 128, grid.qmin + 128, grid.qmax + 128, None)
+            self.input_grid = grid
+        self.weight_grid: Optional[AffineGrid] = None
         if layer.weight_quantizer is not None and layer.weight_quantizer.fake_quant_enabled:
-            self.weight_grid = affine_grid(layer.weight_quantizer, f"{name}.weight_quantizer")
-            if self.weight_grid.dtype != torch.int8:
-                raise ExportError(f"'{name}': weights need a signed grid for int8 export")
-            if self.weight_grid.axis not in (None, 0):
-                raise ExportError(
-                    f"'{name}': weights quantized along axis {self.weight_grid.axis}; export needs axis 0"
-                )
-        if mode == "decomposed" and self.weight_grid is not None:
-            codes = _codes(weight, self.weight_grid)
-            self.register_buffer("weight_int8", codes.to(torch.int8))
+            grid = affine_grid(layer.weight_quantizer, f"{name}.weight_quantizer")
+            grid.check_8bit(f"{name}.weight_quantizer")
+            if grid.dtype != torch.int8 or grid.axis not in (None, 0):
+                raise ExportError(f"'{name}': weights need a signed grid per tensor or per output channel (axis 0)")
+            self.weight_grid = grid
+            self.register_buffer("weight_int8", _codes(weight, grid).to(torch.int8))
+            self.register_buffer("weight_scale", grid.scale.reshape(-1).float())
+            self.register_buffer("weight_zero_point", grid.zero_point.reshape(-1).to(torch.int64))
             self.weight = None
         else:
             self.weight = nn.Parameter(weight, requires_grad=False)
@@ -170,23 +162,22 @@ class DeployLayer(nn.Module):
         g = self.input_grid
         if g is None:
             return x
-        if self.mode == "fake":
-            return _fake_quant(x, g)
         ops = torch.ops.quantized_decomposed
         lo, hi = _full_range(g)
-        q = ops.quantize_per_tensor(_narrow(x, g), float(g.scale), int(g.zero_point), lo, hi, g.dtype)
-        return ops.dequantize_per_tensor(q, float(g.scale), int(g.zero_point), lo, hi, g.dtype)
+        s, zp = float(g.scale), int(g.zero_point)
+        q = ops.quantize_per_tensor(_narrow(x, g), s, zp, lo, hi, g.dtype)
+        return ops.dequantize_per_tensor(q, s, zp, lo, hi, g.dtype)
 
     def _weight(self) -> torch.Tensor:
         g = self.weight_grid
         if g is None:
             return self.weight  # type: ignore[return-value]
-        if self.mode == "fake":
-            return _fake_quant(self.weight, g)  # type: ignore[arg-type]
         ops = torch.ops.quantized_decomposed
         if g.axis is None:
             return ops.dequantize_per_tensor(self.weight_int8, float(g.scale), int(g.zero_point), -128, 127, torch.int8)
-        return ops.dequantize_per_channel(self.weight_int8, g.scale, g.zero_point, 0, -128, 127, torch.int8)
+        return ops.dequantize_per_channel(
+            self.weight_int8, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = self._input(x), self._weight()
@@ -209,14 +200,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def deploy_model(model: nn.Module, mode: str = "fake") -> nn.Module:
+def deploy_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode where every quantized layer is a :class:`DeployLayer`."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
     deployed = copy.deepcopy(model).eval()
     layers = quantized_layers(deployed)
     if not layers:
         raise ExportError(f"{type(model).__name__} has no quantized layer: quantize it (a callback) before export")
     for name, layer in layers:
-        _replace(deployed, name, DeployLayer(layer, name, mode))
+        _replace(deployed, name, DeployLayer(layer, name))
     for name, module in list(deployed.named_modules()):
         if isinstance(module, FoldedBatchNorm):
             _replace(deployed, name, nn.Identity())  # its affine moved into the conv's bias
@@ -226,43 +219,9 @@ def deploy_model(model: nn.Module, mode: str = "fake") -> nn.Module:
 
 
 # -- ONNX ---------------------------------------------------------------------------------------------------
-def _int8_weights(proto: Any) -> None:
-    """Replace ``float initializer → QuantizeLinear`` by the int8 initializer itself (4x smaller files)."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-
-    def value(name: str) -> np.ndarray:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        return numpy_helper.to_array(constants[name].attribute[0].t)
-
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
-    for node in list(graph.node):
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
-            continue
-        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        scale, zp = value(node.input[1]).astype(np.float32), value(node.input[2])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            scale, zp_b = scale.reshape(shape), zp.astype(np.int32).reshape(shape)
-        else:
-            zp_b = zp.astype(np.int32)
-        info = np.iinfo(zp.dtype)
-        q = np.clip(np.rint(w / scale) + zp_b, info.min, info.max).astype(zp.dtype)
-        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
-        graph.node.remove(node)
-        uses[node.input[0]] -= 1
-        if uses[node.input[0]] == 0:
-            graph.initializer.remove(inits.pop(node.input[0]))
+def _cpu_args(example_input: Any) -> tuple[Any, ...]:
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    return tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -276,8 +235,8 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
         import onnx
     except ImportError as err:
         raise ImportError("ONNX export needs the optional extra: pip install 'lightning-quant[export]'") from err
-    deployed = deploy_model(model, "fake")
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    deployed = deploy_model(model).cpu()
+    args = _cpu_args(example_input)
     path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -285,7 +244,9 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
             deployed, args, dynamo=True, opset_version=opset, verbose=False, dynamic_shapes=_batch_dims(args)
         )
     proto = program.model_proto
-    _int8_weights(proto)
+    for node in proto.graph.node:  # drop per-node debug records (source stack traces): most of a small file
+        del node.metadata_props[:]
+        node.doc_string = ""
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
@@ -295,10 +256,8 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
 # -- PyTorch int8 (torch.export + inductor) -------------------------------------------------------------------
 def export_torch(model: nn.Module, example_input: Any, path: Optional[Union[str, Path]] = None) -> Any:
     """``torch.export`` program of the int8 quantize/dequantize graph (saved with ``torch.export.save`` if ``path``)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
-
-    deployed = deploy_model(model, "decomposed")
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    deployed = deploy_model(model).cpu()
+    args = _cpu_args(example_input)
     program = torch.export.export(deployed, args, dynamic_shapes=_batch_dims(args))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -401,14 +360,30 @@ def export(model: nn.Module, example_input: Any, path: Union[str, Path], format:
     """Export a quantized model to ``path`` in ``format`` (``onnx``, ``torch`` or ``packed``); see the module doc."""
     if format not in FORMATS:
         raise ExportError(f"format={format!r} is not supported; allowed: {list(FORMATS)}")
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")  # written first, renamed when complete
     was_training = model.training
     model.eval()
     try:
         if format == "onnx":
-            return export_onnx(model, example_input, path)
-        if format == "torch":
-            export_torch(model, example_input, path)
-            return Path(path)
-        return save_packed(model, path)
+            export_onnx(model, example_input, partial)
+        elif format == "torch":
+            export_torch(model, example_input, partial)
+        else:
+            save_packed(model, partial)
+        partial.replace(path)
     finally:
         model.train(was_training)
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def format_for(path: Union[str, Path], format: Optional[str] = None) -> str:
+    """The export format: ``format`` if given, else from the file suffix (.onnx, .pt2, .packed/.pt)."""
+    if format is not None:
+        return format
+    suffix = Path(path).suffix
+    by_suffix = {".onnx": "onnx", ".pt2": "torch", ".packed": "packed", ".pt": "packed"}
+    if suffix not in by_suffix:
+        raise ExportError(f"cannot tell the export format of {str(path)!r}; use .onnx, .pt2 or .packed, or name it")
+    return by_suffix[suffix]

@@ -1,0 +1,190 @@
+"""Export: ONNX QDQ run by onnxruntime, the torch.export int8 program, packed binary weights, the CLI."""
+
+import copy
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_quant import (
+    Binarization,
+    ExportError,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    export,
+    load_packed,
+)
+from lightning_quant.cli import main as cli_main
+from lightning_quant.deploy import PackedBinaryLayer, compile_int8, export_torch
+from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
+from lightning_quant.nn import LayerSelection, quantize_model, quantized_layers
+from lightning_quant.quantizers import QuantizerConfig
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+QUICK = ["diagnostics.summary=false"]
+
+
+def _trainer(callbacks=(), **kw):
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    pl.seed_everything(0)
+    model = ImageClassifier(DigitsCNN(width=16), optimizer="adam", lr=3e-3, epochs=4)
+    _trainer(max_epochs=4).fit(model, datamodule=DigitsDataModule())
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    dm = DigitsDataModule(shuffle=False)
+    dm.setup("test")
+    x, y = zip(*dm.test_dataloader())
+    return torch.cat(x), torch.cat(y)
+
+
+def _onnx_logits(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def _check_parity(model, path, x):
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    onnx.checker.check_model(onnx.load(str(path)))
+    got = _onnx_logits(path, x)
+    agree = (got.argmax(1) == ref.argmax(1)).float().mean()
+    return ref, got, agree
+
+
+def _assert_close(got, ref, agree):
+    """Same grids and round-half-to-even: values differ only where float summation order moves an
+    intermediate activation across a rounding boundary (one code step), which is rare."""
+    assert agree >= 0.99
+    assert ((got - ref).abs() < 1e-4).float().mean() >= 0.99
+    assert (got - ref).abs().max() < 0.1
+
+
+def test_ptq_w8a8_onnx_matches_fake_quant_model(float_model, test_set, tmp_path):
+    x, _ = test_set
+    model = copy.deepcopy(float_model)
+    _trainer([PostTrainingQuantization("minmax_w8a8", overrides=QUICK, num_samples=256)]).validate(
+        model, datamodule=DigitsDataModule(), verbose=False
+    )
+    path = export(model, x[:1], tmp_path / "ptq.onnx")
+    ref, got, agree = _check_parity(model, path, x)
+    _assert_close(got, ref, agree)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 8  # input + weight per layer
+    int8 = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert sum("weight_int8" in name for name in int8) == 4  # every weight stored as int8
+    weight_bytes = sum(len(i.raw_data) for i in graph.initializer if "weight_int8" in i.name)
+    assert weight_bytes == sum(layer.weight.numel() for _, layer in quantized_layers(model))  # 1 byte per weight
+
+
+def test_qat_lsq_w8a8_onnx_matches_fake_quant_model(float_model, test_set, tmp_path):
+    x, _ = test_set
+    model = copy.deepcopy(float_model)
+    model.hparams.update(epochs=1)
+    onnx_path = tmp_path / "qat.onnx"
+    cb = QuantizationAwareTraining("lsq_w8a8", overrides=QUICK, export_path=str(onnx_path))
+    _trainer([cb], max_epochs=1, limit_train_batches=5).fit(model, datamodule=DigitsDataModule())
+    assert onnx_path.is_file()  # written by the callback when fit ended
+    _trainer([cb]).validate(model, datamodule=DigitsDataModule(), verbose=False)  # quantizers on, as evaluation
+    ref, got, agree = _check_parity(model, onnx_path, x)
+    _assert_close(got, ref, agree)
+
+
+def test_torch_int8_program_is_bit_identical_and_compiles(float_model, test_set, tmp_path):
+    x, _ = test_set
+    model = copy.deepcopy(float_model)
+    _trainer([PostTrainingQuantization("minmax_w8a8", overrides=QUICK, num_samples=256)]).validate(
+        model, datamodule=DigitsDataModule(), verbose=False
+    )
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    program = export_torch(model, x[:2], tmp_path / "ptq.pt2")
+    loaded = torch.export.load(str(tmp_path / "ptq.pt2"))
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), ref)
+        assert torch.equal(loaded.module()(x), ref)
+        compiled = compile_int8(program)(x)  # inductor's x86 int8 lowering (oneDNN)
+    assert (compiled.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+
+
+def test_packed_binary_weights_unpack_to_the_same_signs(float_model, test_set, tmp_path):
+    x, _ = test_set
+    model = ImageClassifier(DigitsCNN(width=16), optimizer="adam", lr=3e-3, epochs=1)
+    model.load_state_dict(float_model.state_dict())
+    path = tmp_path / "bnn.packed"
+    cb = Binarization("xnor", overrides=QUICK, export_path=str(path))
+    _trainer([cb], max_epochs=1, limit_train_batches=5).fit(model, datamodule=DigitsDataModule())
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    packed = load_packed(path)
+    layers = [m for m in packed.modules() if isinstance(m, PackedBinaryLayer)]
+    binary = [(n, m) for n, m in quantized_layers(model) if type(m.weight_quantizer).__name__ == "XNORQuantizer"]
+    assert len(layers) == len(binary) == 2  # first and last layer stay float
+    for layer, (_, original) in zip(layers, binary):
+        expected = torch.sign(original.quantized_weight().detach())
+        assert torch.equal(layer.signs(), expected)
+        assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == (expected.numel() + 7) // 8
+    with torch.no_grad():
+        assert torch.allclose(packed(x), ref, atol=1e-5)
+    latent = sum(m.weight.numel() * 4 for _, m in binary)
+    assert sum(m.packed.numel() for m in layers) * 32 <= latent + 64  # 1 bit per weight
+
+
+def test_unexportable_layers_are_named(float_model):
+    model = nn.Sequential(nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantize_model(
+        model,
+        QuantizerConfig(bits=4, granularity="per_group", group_size=64),
+        QuantizerConfig(bits=8),
+        LayerSelection(first_layer="same", last_layer="float"),
+    )
+    model(torch.randn(2, 128))
+    with pytest.raises(ExportError, match=r"'0.weight_quantizer'.*per-group"):
+        export(model, torch.randn(1, 128), "unused.onnx")
+    dorefa = copy.deepcopy(float_model)
+    quantize_model(dorefa, QuantizerConfig(method="dorefa", bits=4), QuantizerConfig(bits=8))
+    with pytest.raises(ExportError, match="DoReFa"):
+        export(dorefa, torch.randn(1, 1, 8, 8), "unused.onnx")
+    with pytest.raises(ExportError, match="no quantized layer"):
+        export(copy.deepcopy(float_model), torch.randn(1, 1, 8, 8), "unused.onnx")
+    with pytest.raises(ExportError, match="format"):
+        export(model, torch.randn(1, 128), "unused.bin", format="tflite")
+    assert not os.path.exists("unused.onnx")
+
+
+def test_cli_fit_checkpoint_then_export(tmp_path, capsys):
+    ckpt, out = tmp_path / "q.ckpt", tmp_path / "q.onnx"
+    common = ["--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "logs")]
+    cli_main(
+        ["fit", "--recipe", "minmax_w8a8", "--epochs", "1", "--float-epochs", "2", "--checkpoint", str(ckpt), *common]
+    )
+    assert ckpt.is_file()
+    cli_main(["export", "--checkpoint", str(ckpt), "--recipe", "minmax_w8a8", "--output", str(out)])
+    assert "exported minmax_w8a8 (onnx)" in capsys.readouterr().out
+    x = torch.randn(5, 1, 8, 8)
+    logits = _onnx_logits(out, x)
+    assert logits.shape == (5, 10) and np.isfinite(logits.numpy()).all()
+    with pytest.raises(SystemExit, match="suffix|format"):
+        cli_main(["export", "--checkpoint", str(ckpt), "--recipe", "minmax_w8a8", "--output", str(tmp_path / "q.bin")])
