@@ -28,7 +28,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import header, interleaved_ratios, quiet_trainer  # noqa: E402
 
 BINARY = ["binaryconnect", "bnn", "xnor", "bireal", "irnet", "reactnet", "sketch_m3", "twn", "ttq"]
-INQ = ["inq_5bit", "inq_4bit", "inq_3bit"]
+INQ = ["inq_5bit", "inq_4bit", "inq_3bit", "elq_ternary", "elq_binary"]
 
 
 def step_times(rounds: int) -> None:

@@ -61,8 +61,10 @@ class INQConfig:
 
     portions: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.875, 1.0])  # accumulated, last is 1
     epochs: list[int] = field(default_factory=lambda: [0, 2, 4, 6])  # epoch at which each portion is applied
-    partition: str = "magnitude"  # magnitude (largest |w| first, the paper's) or random (its ablation)
+    partition: str = "magnitude"  # magnitude (largest |w| first, INQ), random (its ablation), loss_aware (ELQ)
     seed: int = 0  # for the random partition
+    levels: str = "pow2"  # pow2 (INQ's power-of-two set), ternary {-a, 0, a} or binary {-a, a} (ELQ)
+    error_weight: float = 1.0  # loss_aware: weight of the approximation error next to the loss change
 
 
 @dataclass
@@ -320,9 +322,22 @@ def validate_recipe(recipe: Recipe) -> None:
         "increasing accumulated fractions in (0, 1], ending at 1.0",
     )
     _check(all(0 <= a < b for a, b in zip(inq.epochs, inq.epochs[1:])), src, "inq.epochs", inq.epochs, "increasing")
-    _check(inq.partition in ("magnitude", "random"), src, "inq.partition", inq.partition, "allowed: magnitude, random")
+    _check(
+        inq.partition in ("magnitude", "random", "loss_aware"),
+        src,
+        "inq.partition",
+        inq.partition,
+        "allowed: magnitude, random, loss_aware",
+    )
+    _check(inq.levels in ("pow2", "ternary", "binary"), src, "inq.levels", inq.levels, "allowed: pow2, ternary, binary")
+    _check(inq.error_weight >= 0, src, "inq.error_weight", inq.error_weight, "must be >= 0")
     if recipe.kind == "inq":
-        _check(2 <= recipe.weights.bits <= 8, src, "weights.bits", recipe.weights.bits, "INQ needs 2 to 8 bits")
+        bits = recipe.weights.bits
+        if inq.levels == "pow2":
+            _check(2 <= bits <= 8, src, "weights.bits", bits, "power-of-two levels (INQ) need 2 to 8 bits")
+        else:
+            need = 2 if inq.levels == "ternary" else 1
+            _check(bits == need, src, "weights.bits", bits, f"inq.levels={inq.levels} means weights.bits={need}")
     _check(
         recipe.diagnostics.every_n_steps >= 0,
         src,

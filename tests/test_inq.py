@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_quant import IncrementalQuantization, load_recipe
-from lightning_quant.callbacks.inq import level_exponents, to_levels
+from lightning_quant.callbacks.inq import level_exponents, loss_aware_score, to_levels
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
 from lightning_quant.recipes import RecipeError
 
@@ -77,3 +77,31 @@ def test_inq_recipe_checks():
         load_recipe("inq_5bit", ["inq.portions=[0.5,0.4,1.0,1.0]"])
     with pytest.raises(RecipeError, match="inq.partition='lottery'"):
         load_recipe("inq_5bit", ["inq.partition=lottery"])
+    with pytest.raises(RecipeError, match="inq.levels=ternary means weights.bits=2"):
+        load_recipe("elq_ternary", ["weights.bits=3"])
+
+
+def test_loss_aware_score_prefers_harmless_weights():
+    w = torch.tensor([0.5, 0.5, 0.5, 0.1])
+    q = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    g = torch.tensor([-1.0, 1.0, 0.0, 0.0])  # raising w[0] lowers the loss, raising w[1] raises it
+    score = loss_aware_score(w, q, g, error_weight=1.0)
+    assert score[0] < score[1]
+    assert score[3] < score[2]  # same (zero) loss change: the smaller approximation error goes first
+
+
+@pytest.mark.parametrize(("recipe", "values"), [("elq_ternary", 3), ("elq_binary", 2)])
+def test_elq_weights_end_ternary_or_binary_and_frozen_ones_stay(tmp_path, recipe, values):
+    model, cb, _ = _fit(tmp_path, 2, recipe=recipe)
+    assert cb.quantized_fraction() == pytest.approx(0.75, abs=0.01)
+    for name, layer in cb.layers(model).items():
+        mask = cb.masks[name]
+        w = layer.weight.detach()
+        assert torch.equal(w[mask], cb.frozen[name][mask])
+        assert torch.unique(w[mask]).numel() <= values
+    model, cb, _ = _fit(tmp_path, 4, recipe=recipe)
+    for name, layer in cb.layers(model).items():
+        w = layer.weight.detach()
+        _, alpha = cb.ternary[name]
+        assert set(torch.unique(w).tolist()) <= {-alpha, 0.0, alpha}
+        assert torch.unique(w).numel() <= values

@@ -1,9 +1,17 @@
-"""Incremental Network Quantization (Zhou et al., ICLR 2017) as a Lightning callback.
+"""Incremental Network Quantization (Zhou et al., ICLR 2017) and ELQ (Zhou et al., CVPR 2018) as a callback.
 
 Weights become powers of two (or zero) in stages: at each stage the recipe's accumulated portion of every
 layer's weights, largest magnitudes first (or at random), is rounded to the level set and frozen, while
 the rest keep training to compensate. Frozen weights have their gradients masked and are restored after
 every optimizer step, so weight decay or momentum cannot move them either.
+
+ELQ uses the same incremental machinery with ternary ``{−α, 0, α}`` or binary ``{−α, α}`` levels and a
+loss-error-aware partition. ELQ's exact objective is not public; what is implemented here: each weight's
+score is the first-order loss change its quantization causes, ``g·(q(w) − w)`` with ``g`` the running mean of
+its gradient since the last stage, plus ``error_weight`` times its squared approximation error
+``(q(w) − w)²``, both terms normalised by their mean over the layer; the weights with the lowest scores
+(least harm) are quantized first. ``α`` is fitted once per layer as TWN does (threshold ``0.7·mean|w|``,
+``α`` the mean magnitude above it) or as ``mean|w|`` for binary levels.
 """
 
 from __future__ import annotations
@@ -41,6 +49,29 @@ def to_levels(weight: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
     return torch.where(mag < 2.0**n2 / 2, torch.zeros_like(weight), torch.sign(weight) * torch.pow(2.0, exponent))
 
 
+def ternary_alpha(weight: torch.Tensor) -> tuple[float, float]:
+    """TWN's threshold ``Δ = 0.7·mean|w|`` and scale ``α`` = mean |w| above it."""
+    mag = weight.detach().abs()
+    delta = 0.7 * float(mag.mean())
+    above = mag[mag > delta]
+    return delta, float(above.mean()) if above.numel() else float(mag.mean())
+
+
+def to_ternary(weight: torch.Tensor, delta: float, alpha: float) -> torch.Tensor:
+    """``α·sign(w)`` where ``|w| > Δ``, else 0 (``Δ < 0`` gives binary levels)."""
+    return torch.where(weight.abs() > delta, torch.sign(weight) * alpha, torch.zeros_like(weight))
+
+
+def loss_aware_score(
+    weight: torch.Tensor, quantized: torch.Tensor, grad: torch.Tensor, error_weight: float
+) -> torch.Tensor:
+    """ELQ-style harm of quantizing each weight: normalised first-order loss change plus approximation error."""
+    step = quantized - weight
+    change = grad * step
+    error = step * step
+    return change / change.abs().mean().clamp_min(1e-12) + error_weight * error / error.mean().clamp_min(1e-12)
+
+
 class IncrementalQuantization(Callback):
     """Train a LightningModule into power-of-two weights, stage by stage, as an ``inq_*`` recipe says.
 
@@ -66,6 +97,9 @@ class IncrementalQuantization(Callback):
                 "allowed: ['inq']"
             )
         self.exponents: dict[str, tuple[int, int]] = {}
+        self.ternary: dict[str, tuple[float, float]] = {}  # ELQ: (threshold, alpha) per layer
+        self.grad_mean: dict[str, torch.Tensor] = {}
+        self.grad_steps: dict[str, int] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.frozen: dict[str, torch.Tensor] = {}
         self.stage = -1
@@ -106,33 +140,61 @@ class IncrementalQuantization(Callback):
                 self._hooked.add(id(layer.weight))
 
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if self.recipe.inq.partition == "loss_aware":  # running mean of the gradient since the last stage
+            n = self.grad_steps.get(name, 0) + 1
+            mean = self.grad_mean.get(name)
+            g = grad.detach()
+            self.grad_mean[name] = g.clone() if mean is None or n == 1 else mean + (g - mean) / n
+            self.grad_steps[name] = n
         mask = self.masks.get(name)
         return grad if mask is None else grad.masked_fill(mask, 0.0)
+
+    def quantize_values(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """``w`` on the layer's level set (powers of two, ternary or binary)."""
+        levels = self.recipe.inq.levels
+        if levels == "pow2":
+            if name not in self.exponents:
+                self.exponents[name] = level_exponents(w, self.recipe.weights.bits)
+            return to_levels(w, *self.exponents[name])
+        if name not in self.ternary:
+            self.ternary[name] = ternary_alpha(w) if levels == "ternary" else (-1.0, float(w.abs().mean()))
+        return to_ternary(w, *self.ternary[name])
+
+    def _mean_grad(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The gradient mean since the last stage, averaged over DDP ranks (so every rank picks the same weights)."""
+        g = self.grad_mean.get(name, torch.zeros_like(w)).clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(g)
+            g /= torch.distributed.get_world_size()
+        return g
 
     def _quantize_stage(self, pl_module: pl.LightningModule, stage: int) -> None:
         inq = self.recipe.inq
         generator = torch.Generator().manual_seed(inq.seed + stage)
         for name, layer in self.layers(pl_module).items():
             w = layer.weight.data
-            if name not in self.exponents:
-                self.exponents[name] = level_exponents(w, self.recipe.weights.bits)
+            q = self.quantize_values(name, w)
             mask = self.masks.get(name, torch.zeros_like(w, dtype=torch.bool))
             target = round(inq.portions[stage] * w.numel())
             extra = target - int(mask.sum())
             if extra > 0:
                 if inq.partition == "magnitude":
                     score = w.abs().masked_fill(mask, -1.0).flatten()
+                elif inq.partition == "loss_aware":  # lowest harm first: topk of the negated score
+                    harm = loss_aware_score(w, q, self._mean_grad(name, w), inq.error_weight)
+                    score = (-harm).masked_fill(mask, -math.inf).flatten()
                 else:
                     score = torch.rand(w.numel(), generator=generator).to(w.device).masked_fill(mask.flatten(), -1.0)
                 pick = torch.topk(score, extra).indices
                 new = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
                 new[pick] = True
                 new = new.reshape(w.shape)
-                n1, n2 = self.exponents[name]
-                w[new] = to_levels(w[new], n1, n2)
+                w[new] = q[new]
                 mask = mask | new
             self.masks[name] = mask
             self.frozen[name] = w.clone()
+            self.grad_mean.pop(name, None)
+            self.grad_steps.pop(name, None)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -143,7 +205,7 @@ class IncrementalQuantization(Callback):
             self._quantize_stage(pl_module, self.stage)
             rank_zero_info(
                 f"lightning-quant: INQ stage {self.stage + 1}/{len(epochs)}: "
-                f"{100 * self.recipe.inq.portions[self.stage]:.1f}% of the weights are powers of two"
+                f"{100 * self.recipe.inq.portions[self.stage]:.1f}% of the weights on {self.recipe.inq.levels} levels"
             )
         log_metrics(trainer, {"inq/quantized_fraction": self.quantized_fraction(), "inq/stage": float(self.stage + 1)})
 
@@ -167,6 +229,7 @@ class IncrementalQuantization(Callback):
             "recipe": self.recipe.to_yaml(),
             "stage": self.stage,
             "exponents": dict(self.exponents),
+            "ternary": dict(self.ternary),
             "masks": {k: v.cpu() for k, v in self.masks.items()},
             "frozen": {k: v.cpu() for k, v in self.frozen.items()},
         }
@@ -175,6 +238,7 @@ class IncrementalQuantization(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = int(state_dict["stage"])
         self.exponents = {k: tuple(v) for k, v in state_dict["exponents"].items()}  # type: ignore[misc]
+        self.ternary = {k: tuple(v) for k, v in state_dict.get("ternary", {}).items()}  # type: ignore[misc]
         self.masks = dict(state_dict["masks"])
         self.frozen = dict(state_dict["frozen"])
 
