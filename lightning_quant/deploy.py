@@ -64,7 +64,7 @@ def affine_grid(q: Quantizer, name: str) -> AffineGrid:
     if isinstance(q, BinaryQuantizer):
         raise ExportError(f"'{name}': {type(q).__name__} is binary; export it with format='packed'")
     if q.granularity == "per_group":
-        raise ExportError(f"'{name}': per-group weights (group_size={q.group_size}) have no int8 QDQ form here")
+        raise ExportError(f"'{name}': per-group grids (group_size={q.group_size}) are exported for Linear weights only")
     axis = None if q.granularity == "per_tensor" else q.axis
     if isinstance(q, ObserverQuantizer):
         scale, zp = q.scale.detach().float(), q.zero_point.detach().to(torch.int32)
@@ -144,7 +144,15 @@ class DeployLayer(nn.Module):
                 grid = AffineGrid(grid.scale, grid.zero_point + 128, grid.qmin + 128, grid.qmax + 128, None)
             self.input_grid = grid
         self.weight_grid: Optional[AffineGrid] = None
-        if layer.weight_quantizer is not None and layer.weight_quantizer.fake_quant_enabled:
+        self.blocks: Optional[BlockGrid] = None
+        wq = layer.weight_quantizer
+        if isinstance(wq, ObserverQuantizer) and wq.fake_quant_enabled and wq.granularity == "per_group":
+            if self.kind != "linear":
+                raise ExportError(f"'{name}': per-group weights are exported for Linear layers only")
+            self.blocks = BlockGrid.from_quantizer(wq, weight)
+            self.register_buffer("weight_blocked_t", weight.t().contiguous())  # becomes int4/int8 blocks in ONNX
+            self.weight = None
+        elif wq is not None and wq.fake_quant_enabled:
             grid = affine_grid(layer.weight_quantizer, f"{name}.weight_quantizer")
             grid.check_8bit(f"{name}.weight_quantizer")
             if grid.dtype != torch.int8 or grid.axis not in (None, 0):
@@ -180,10 +188,80 @@ class DeployLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:  # x @ Wᵀ with Wᵀ a constant: exported as MatMul on a blocked DequantizeLinear
+            y = torch.matmul(self._input(x), self.weight_blocked_t)
+            return y + self.bias if self.bias is not None else y
         x, w = self._input(x), self._weight()
         if self.kind == "linear":
             return F.linear(x, w, self.bias)
         return self.conv_fn(x, w, self.bias, *self.conv_args)
+
+
+@dataclass
+class BlockGrid:
+    """Per-group weight grid of a Linear layer: codes (C, K), one scale and zero point per ``group`` inputs."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor  # (C, K // group)
+    zero_point: torch.Tensor  # (C, K // group)
+    group: int
+    qmin: int
+    qmax: int
+
+    @classmethod
+    def from_quantizer(cls, q: ObserverQuantizer, w: torch.Tensor) -> BlockGrid:
+        rows, cols = w.shape
+        codes = q.integer_codes(w).reshape(rows, cols)
+        groups = cols // q.group_size
+        scale = q.scale.detach().float().reshape(rows, groups)
+        zp = q.zero_point.detach().reshape(rows, groups).to(torch.int64)
+        return cls(codes.round().to(torch.int64), scale, zp, q.group_size, q.qmin, q.qmax)
+
+    def onnx_type(self) -> int:
+        from onnx import TensorProto
+
+        if self.qmin >= -8 and self.qmax <= 7:
+            return TensorProto.INT4
+        if self.qmin >= 0 and self.qmax <= 15:
+            return TensorProto.UINT4
+        return TensorProto.INT8 if self.qmin < 0 else TensorProto.UINT8
+
+
+def _pack_nibbles(values: torch.Tensor) -> bytes:
+    """4-bit values, two per byte, low nibble first (ONNX's INT4/UINT4 raw layout)."""
+    flat = (values.reshape(-1).to(torch.int64) & 0xF).tolist()
+    if len(flat) % 2:
+        flat.append(0)
+    return bytes(lo | (hi << 4) for lo, hi in zip(flat[0::2], flat[1::2]))
+
+
+def _blocked_initializers(proto: Any, blocks: dict[str, BlockGrid]) -> None:
+    """Replace each float ``…weight_blocked_t`` (K, C) initializer by int4/int8 blocks + DequantizeLinear (axis 0)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    for init in list(graph.initializer):
+        grid = blocks.get(init.name)
+        if grid is None:
+            continue
+        kind = grid.onnx_type()
+        codes_t = grid.codes.t().contiguous()  # (K, C): blocks of `group` rows along axis 0
+        zp_t = grid.zero_point.t().contiguous()
+        if kind in (TensorProto.INT4, TensorProto.UINT4):
+            q = helper.make_tensor(f"{init.name}_q", kind, list(codes_t.shape), _pack_nibbles(codes_t), raw=True)
+            zp = helper.make_tensor(f"{init.name}_zp", kind, list(zp_t.shape), _pack_nibbles(zp_t), raw=True)
+        else:
+            dtype = np.int8 if kind == TensorProto.INT8 else np.uint8
+            q = numpy_helper.from_array(codes_t.numpy().astype(dtype), f"{init.name}_q")
+            zp = numpy_helper.from_array(zp_t.numpy().astype(dtype), f"{init.name}_zp")
+        scale = numpy_helper.from_array(grid.scale.t().contiguous().numpy(), f"{init.name}_scale")
+        graph.initializer.remove(init)
+        graph.initializer.extend([q, scale, zp])
+        node = helper.make_node(
+            "DequantizeLinear", [q.name, scale.name, zp.name], [init.name], axis=0, block_size=grid.group
+        )
+        graph.node.insert(0, node)
 
 
 def _codes(w: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
@@ -225,8 +303,10 @@ def _cpu_args(example_input: Any) -> tuple[Any, ...]:
 
 
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Dimension 0 of every tensor argument is the batch and stays dynamic in exported graphs."""
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) else None for a in args)
+    """Every dimension may stay dynamic (batch, sequence, image size); export fixes those the weights pin down."""
+    return tuple(
+        {i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None for a in args
+    )
 
 
 def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], opset: int = 18) -> Path:
@@ -238,12 +318,16 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
     deployed = deploy_model(model).cpu()
     args = _cpu_args(example_input)
     path = Path(path)
+    blocks = {f"{n}.weight_blocked_t": m.blocks for n, m in deployed.named_modules() if getattr(m, "blocks", None)}
+    if blocks:
+        opset = max(opset, 21)  # block-wise DequantizeLinear and 4-bit types
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             deployed, args, dynamo=True, opset_version=opset, verbose=False, dynamic_shapes=_batch_dims(args)
         )
     proto = program.model_proto
+    _blocked_initializers(proto, blocks)  # type: ignore[arg-type]
     for node in proto.graph.node:  # drop per-node debug records (source stack traces): most of a small file
         del node.metadata_props[:]
         node.doc_string = ""
@@ -257,6 +341,9 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
 def export_torch(model: nn.Module, example_input: Any, path: Optional[Union[str, Path]] = None) -> Any:
     """``torch.export`` program of the int8 quantize/dequantize graph (saved with ``torch.export.save`` if ``path``)."""
     deployed = deploy_model(model).cpu()
+    blocked = [n for n, m in deployed.named_modules() if getattr(m, "blocks", None) is not None]
+    if blocked:
+        raise ExportError(f"'{blocked[0]}': per-group weights have no int8 kernel in PyTorch; use format='onnx'")
     args = _cpu_args(example_input)
     program = torch.export.export(deployed, args, dynamic_shapes=_batch_dims(args))
     if path is not None:
@@ -356,8 +443,10 @@ def load_packed(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def export(model: nn.Module, example_input: Any, path: Union[str, Path], format: str = "onnx") -> Path:
-    """Export a quantized model to ``path`` in ``format`` (``onnx``, ``torch`` or ``packed``); see the module doc."""
+def export(model: nn.Module, example_input: Any, path: Union[str, Path], format: Optional[str] = None) -> Path:
+    """Export a quantized model to ``path`` in ``format`` (``onnx``, ``torch`` or ``packed``; default: from the
+    suffix .onnx/.pt2/.packed); see the module doc. The file appears only once it is complete."""
+    format = format_for(path, format)
     if format not in FORMATS:
         raise ExportError(f"format={format!r} is not supported; allowed: {list(FORMATS)}")
     path = Path(path)

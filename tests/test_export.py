@@ -16,11 +16,13 @@ from lightning_quant import (
     QuantizationAwareTraining,
     export,
     load_packed,
+    load_recipe,
 )
+from lightning_quant.algorithms import calibrate, finalize, set_quant_state
 from lightning_quant.cli import main as cli_main
 from lightning_quant.deploy import PackedBinaryLayer, compile_int8, export_torch
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
-from lightning_quant.nn import LayerSelection, quantize_model, quantized_layers
+from lightning_quant.nn import quantize_model, quantized_layers
 from lightning_quant.quantizers import QuantizerConfig
 
 onnx = pytest.importorskip("onnx")
@@ -152,17 +154,37 @@ def test_packed_binary_weights_unpack_to_the_same_signs(float_model, test_set, t
     assert sum(m.packed.numel() for m in layers) * 32 <= latent + 64  # 1 bit per weight
 
 
+def test_group_wise_int4_weights_export_to_blocked_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64))
+    recipe = load_recipe("rtn_w4g128", overrides=["weights.group_size=64", "layers.last_layer=same"])
+    quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
+    x = torch.randn(3, 16, 128)
+    calibrate(model, [x], lambda b: model(b))
+    finalize(model)
+    set_quant_state(model, weights=True, activations=True)
+    path = export(model, x, tmp_path / "w4.onnx")
+    graph = onnx.load(str(path)).graph
+    blocks = [i for i in graph.initializer if i.name.endswith("_q")]
+    assert [i.data_type for i in blocks] == [onnx.TensorProto.INT4] * 2
+    assert sum(len(i.raw_data) for i in blocks) == (128 * 256 + 256 * 64) // 2  # two weights per byte
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    exact = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randn(5, 7, 128)  # batch and sequence length are dynamic
+    with torch.no_grad():
+        ref = model(other)
+    name = exact.get_inputs()[0].name
+    assert torch.allclose(torch.from_numpy(exact.run(None, {name: other.numpy()})[0]), ref, atol=1e-5)
+    # onnxruntime's fused 4-bit matmul computes approximately (about 1e-2 here); cosine stays ~1
+    fused_out = torch.from_numpy(fused.run(None, {name: other.numpy()})[0])
+    assert torch.nn.functional.cosine_similarity(fused_out.flatten(), ref.flatten(), dim=0) > 0.999
+    with pytest.raises(ExportError, match="per-group"):
+        export(model, x, tmp_path / "w4.pt2")
+
+
 def test_unexportable_layers_are_named(float_model):
-    model = nn.Sequential(nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 4))
-    quantize_model(
-        model,
-        QuantizerConfig(bits=4, granularity="per_group", group_size=64),
-        QuantizerConfig(bits=8),
-        LayerSelection(first_layer="same", last_layer="float"),
-    )
-    model(torch.randn(2, 128))
-    with pytest.raises(ExportError, match=r"'0.weight_quantizer'.*per-group"):
-        export(model, torch.randn(1, 128), "unused.onnx")
     dorefa = copy.deepcopy(float_model)
     quantize_model(dorefa, QuantizerConfig(method="dorefa", bits=4), QuantizerConfig(bits=8))
     with pytest.raises(ExportError, match="DoReFa"):
@@ -170,7 +192,7 @@ def test_unexportable_layers_are_named(float_model):
     with pytest.raises(ExportError, match="no quantized layer"):
         export(copy.deepcopy(float_model), torch.randn(1, 1, 8, 8), "unused.onnx")
     with pytest.raises(ExportError, match="format"):
-        export(model, torch.randn(1, 128), "unused.bin", format="tflite")
+        export(float_model, torch.randn(1, 1, 8, 8), "unused.bin", format="tflite")
     assert not os.path.exists("unused.onnx")
 
 
