@@ -114,7 +114,7 @@ def float_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             copy.deepcopy(model).eval(), (example,), dynamo=True, verbose=False,
-            dynamic_shapes=({0: torch.export.Dim.AUTO},),
+            dynamic_shapes=(dict.fromkeys(range(example.dim()), torch.export.Dim.AUTO),),
         )  # fmt: skip
     program.save(str(path))
 
@@ -146,7 +146,8 @@ def torchao_pt2e(model: nn.Module, calib: torch.Tensor, example: torch.Tensor): 
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    graph = torch.export.export(copy.deepcopy(model).eval(), (example,)).module()
+    dims = (dict.fromkeys(range(example.dim()), torch.export.Dim.AUTO),)
+    graph = torch.export.export(copy.deepcopy(model).eval(), (example,), dynamic_shapes=dims).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(graph, quantizer)

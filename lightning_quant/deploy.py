@@ -305,7 +305,7 @@ def _cpu_args(example_input: Any) -> tuple[Any, ...]:
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Every dimension may stay dynamic (batch, sequence, image size); export fixes those the weights pin down."""
     return tuple(
-        {i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None for a in args
+        dict.fromkeys(range(a.dim()), torch.export.Dim.AUTO) if isinstance(a, torch.Tensor) else None for a in args
     )
 
 
