@@ -3,7 +3,8 @@
 Models: the digits demo CNN (trained here, real test accuracy), a ResNet-20 (random weights: no CIFAR here,
 so its row reports agreement with its own fake-quantized model) and MiniLM's 12 feed-forward Linear layers
 (real weights, 128-token sequences; agreement reported as cosine similarity to float). Each is quantized
-with the same PostTrainingQuantization W8A8 recipe (min-max, BN folded) and exported by lightning-quant:
+with the same PostTrainingQuantization recipe (min-max, BN folded; ``--weight-bits`` weights, 7 by default
+because this CPU has no VNNI (see BENCHMARKS.md), 8-bit activations) and exported by lightning-quant:
 
 * onnxruntime: our QDQ ONNX file against the float ONNX file of the same model (each runtime's own float
   is the reference), and against onnxruntime's own ``quantize_static`` (QDQ, the same calibration data);
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from lightning_quant import PostTrainingQuantization, export
-from lightning_quant.deploy import compile_int8, export_torch
+from lightning_quant.deploy import export_torch
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -106,6 +107,8 @@ def ort_session(path: Path):  # noqa: ANN201
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
+    # no busy-waiting between runs: interleaved sessions would otherwise steal each other's cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -154,7 +157,7 @@ def torchao_pt2e(model: nn.Module, calib: torch.Tensor, example: torch.Tensor): 
     with torch.no_grad():
         for i in range(0, len(calib), 32):
             prepared(calib[i : i + 32])
-    return torch.compile(convert_pt2e(prepared))
+    return torch.compile(convert_pt2e(prepared), dynamic=False)
 
 
 def run(name: str, rounds: int, tmp: Path) -> list[str]:
@@ -184,11 +187,11 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
 
     sizes = {k: p.stat().st_size / 1024 for k, p in paths.items()}
     results = {k: quality(ort_run(k, x)) for k in paths}
-    torch_float = torch.compile(copy.deepcopy(model).eval())
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True
-    torch_int8 = compile_int8(export_torch(qmodel, x[:2]))
+    inductor_config.freezing = True  # all three compiled the same way: freezing, one static graph per shape
+    torch_float = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
+    torch_int8 = torch.compile(export_torch(qmodel, x[:2]).module(), dynamic=False)
     torchao_int8 = torchao_pt2e(model, calib, x[:2])
     with torch.no_grad():
         results["torch float"] = quality(torch_float(x))
@@ -250,7 +253,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", nargs="+", default=["digits", "resnet20", "minilm"])
+    parser.add_argument("--weight-bits", type=int, default=7, help="7: exact on AVX2 int8 kernels (no VNNI)")
     args = parser.parse_args()
+    RECIPE.append(f"weights.bits={args.weight_bits}")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(2)

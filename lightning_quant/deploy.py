@@ -36,6 +36,19 @@ from lightning_quant.quantizers.binary import BinaryQuantizer
 FORMATS = ("onnx", "torch", "packed")
 
 
+def int8_saturation_risk() -> bool:
+    """True on x86 CPUs without VNNI (AVX2 only), whose int8 kernels add u8·s8 products in saturating 16-bit pairs."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+    return "vnni" not in flags and "amx_int8" not in flags
+
+
 class ExportError(ValueError):
     """A model (or one of its layers) that the chosen format cannot represent; the message names the layer."""
 
@@ -140,8 +153,9 @@ class DeployLayer(nn.Module):
         if layer.input_quantizer is not None and layer.input_quantizer.fake_quant_enabled:
             grid = affine_grid(layer.input_quantizer, f"{name}.input_quantizer")
             grid.check_8bit(f"{name}.input_quantizer")
-            if grid.dtype == torch.int8:  # the same codes shifted by 128: x86 int8 kernels take uint8 activations
-                grid = AffineGrid(grid.scale, grid.zero_point + 128, grid.qmin + 128, grid.qmax + 128, None)
+            if grid.dtype == torch.int8:  # the same codes shifted to start at 0: x86 int8 kernels take uint8 inputs
+                shift = -grid.qmin
+                grid = AffineGrid(grid.scale, grid.zero_point + shift, 0, grid.qmax + shift, None)
             self.input_grid = grid
         self.weight_grid: Optional[AffineGrid] = None
         self.blocks: Optional[BlockGrid] = None
@@ -264,6 +278,51 @@ def _blocked_initializers(proto: Any, blocks: dict[str, BlockGrid]) -> None:
         graph.node.insert(0, node)
 
 
+# ops that commute with quantize-dequantize (Clip: its bounds are grid points, from a narrow activation grid)
+_PASS_THROUGH = ("Relu", "Clip", "MaxPool", "Flatten", "Reshape")
+
+
+def _propagate_qdq(proto: Any) -> int:
+    """Copy each activation QuantizeLinear back through Relu/Clip/MaxPool/Flatten/Reshape onto the Conv/Gemm output.
+
+    ``Q(relu(x))`` equals ``Q(relu(DQ(Q(x))))`` for any zero point, and max-pooling and reshapes commute with
+    rounding, so the model computes exactly the same; onnxruntime then sees ``DQ → Conv → Q`` and runs the
+    layer as one integer kernel with an int8 output instead of dequantizing between layers. Returns how many
+    pairs were added.
+    """
+    from onnx import helper
+
+    graph = proto.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    added = 0
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        tensor = q.input[0]
+        node = producer.get(tensor)
+        while node is not None and node.op_type in _PASS_THROUGH and len(consumers.get(node.output[0], [])) == 1:
+            tensor = node.input[0]
+            node = producer.get(tensor)
+        if node is None or node.op_type not in ("Conv", "Gemm") or tensor == q.input[0]:
+            continue
+        if len(consumers.get(tensor, [])) != 1:
+            continue  # the layer output is used elsewhere too (a residual): leave it float
+        name = f"{tensor}_qdq{added}"
+        new_q = helper.make_node("QuantizeLinear", [tensor, *q.input[1:]], [f"{name}_q"])
+        new_dq = helper.make_node("DequantizeLinear", [f"{name}_q", *q.input[1:]], [f"{name}_dq"])
+        for user in consumers[tensor]:
+            for k, i in enumerate(user.input):
+                if i == tensor:
+                    user.input[k] = f"{name}_dq"
+        index = list(graph.node).index(node)
+        graph.node.insert(index + 1, new_q)
+        graph.node.insert(index + 2, new_dq)
+        added += 1
+    return added
+
+
 def _codes(w: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
     shape = [1] * w.dim()
     if grid.axis is not None:
@@ -279,15 +338,34 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def deploy_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode where every quantized layer is a :class:`DeployLayer`."""
+    """A copy of ``model`` in eval mode where every quantized layer is a :class:`DeployLayer`.
+
+    On x86 CPUs without VNNI, int8 kernels (onnxruntime's and oneDNN's) multiply uint8 activations by int8
+    weights and add the products in pairs into saturating 16-bit sums, so activations that use all 256 codes
+    can overflow and ruin accuracy. A warning says so when that applies; 7-bit weights (``weights.bits=7``,
+    recipe ``minmax_w7a8``, what onnxruntime calls reduce_range) keep the exported model exact there.
+    """
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
     deployed = copy.deepcopy(model).eval()
     layers = quantized_layers(deployed)
     if not layers:
         raise ExportError(f"{type(model).__name__} has no quantized layer: quantize it (a callback) before export")
+    wide = []
     for name, layer in layers:
-        _replace(deployed, name, DeployLayer(layer, name))
+        deploy = DeployLayer(layer, name)
+        _replace(deployed, name, deploy)
+        grid = deploy.input_grid
+        weights = deploy.weight_grid
+        if grid is not None and weights is not None and grid.qmax - grid.qmin > 127 and weights.qmax > 63:
+            wide.append(name)
+    if wide and int8_saturation_risk():
+        warnings.warn(
+            f"{len(wide)} layers (first: '{wide[0]}') have 8-bit weights and activations; this CPU has no VNNI, and "
+            "its int8 kernels (onnxruntime, oneDNN) sum u8*s8 products in saturating 16-bit pairs, which can wreck "
+            "accuracy. For such targets quantize weights with 7 bits (weights.bits=7, recipe minmax_w7a8).",
+            stacklevel=2,
+        )
     for name, module in list(deployed.named_modules()):
         if isinstance(module, FoldedBatchNorm):
             _replace(deployed, name, nn.Identity())  # its affine moved into the conv's bias
@@ -299,7 +377,7 @@ def deploy_model(model: nn.Module) -> nn.Module:
 # -- ONNX ---------------------------------------------------------------------------------------------------
 def _cpu_args(example_input: Any) -> tuple[Any, ...]:
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    return tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple(a.detach().cpu().clone() if isinstance(a, torch.Tensor) else a for a in args)  # no shared storage
 
 
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -328,6 +406,7 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
         )
     proto = program.model_proto
     _blocked_initializers(proto, blocks)  # type: ignore[arg-type]
+    _propagate_qdq(proto)
     for node in proto.graph.node:  # drop per-node debug records (source stack traces): most of a small file
         del node.metadata_props[:]
         node.doc_string = ""
