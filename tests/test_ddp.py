@@ -23,6 +23,26 @@ def test_ddp_two_cpu_processes_hold_identical_scales(tmp_path, recipe):
     assert any(bool(v.float().abs().sum() > 0) for k, v in r0.items() if k.endswith("scale"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["reactnet", "elq_ternary"])
+def test_ddp_binarization_and_elq_keep_ranks_identical(tmp_path, recipe):
+    """ReActNet's RSign/RPReLU shifts and ELQ's loss-aware masks (from per-rank gradients) agree on both ranks."""
+    script = Path(__file__).with_name("ddp_qat_script.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run([sys.executable, str(script), recipe, str(tmp_path)], check=True, env=env, timeout=300, cwd=tmp_path)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys()
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    masks = [v for k, v in r0.items() if k.startswith("mask.")]
+    if recipe == "elq_ternary":
+        frac = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        assert abs(frac - 0.75) < 0.01  # the second stage, chosen from the averaged gradients, ran
+    else:
+        assert any("rprelu" in k for k in r0)
+
+
 @pytest.mark.parametrize("recipe", ["minmax_w8a8", "adaround_w4a8"])
 def test_ddp_calibration_matches_a_single_process_on_the_same_data(tmp_path, recipe):
     """Min-max ranges merged over ranks equal one process's; MSE activation grids and AdaRound's rounding
