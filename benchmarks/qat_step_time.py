@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_quant import load_recipe, quantize_model
 from lightning_quant.examples import DigitsCNN, resnet20
+from lightning_quant.quantizers import Quantizer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import header, interleaved_ratios  # noqa: E402
@@ -30,6 +31,14 @@ from common import header, interleaved_ratios  # noqa: E402
 def ours(model: nn.Module, recipe: str) -> nn.Module:
     r = load_recipe(recipe)
     quantize_model(model, r.weights, r.activations, r.layers)
+    return model
+
+
+def frozen_observers(model: nn.Module) -> nn.Module:
+    """Observers stop following the data after initialisation (what ``schedule.observer_steps`` does)."""
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.observer_enabled = False
     return model
 
 
@@ -79,6 +88,9 @@ def main() -> None:
             variants = {
                 "float": copy.deepcopy(net),
                 "lightning-quant minmax_w8a8": ours(copy.deepcopy(net), "minmax_w8a8"),
+                "lightning-quant minmax_w8a8, observers frozen": frozen_observers(
+                    ours(copy.deepcopy(net), "minmax_w8a8")
+                ),
                 "lightning-quant lsq_w8a8": ours(copy.deepcopy(net), "lsq_w8a8"),
                 "lightning-quant lsq_w4a4": ours(copy.deepcopy(net), "lsq_w4a4"),
                 "torch.ao prepare_qat (x86 default)": torch_ao(copy.deepcopy(net)),
