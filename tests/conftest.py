@@ -16,3 +16,11 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def float_model():
+    """A digits CNN trained in float once per session (PTQ and export tests copy it before changing it)."""
+    from helpers import train_float_digits_model
+
+    return train_float_digits_model()

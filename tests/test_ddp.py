@@ -7,14 +7,18 @@ import pytest
 import torch
 
 
+def _run_two_ranks(script_name, recipe, tmp_path):
+    """Run a DDP script (two gloo processes) and load what each rank saved."""
+    script = Path(__file__).with_name(script_name)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run([sys.executable, str(script), recipe, str(tmp_path)], check=True, env=env, timeout=300, cwd=tmp_path)
+    return torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["minmax_w8a8", "lsq_w4a4"])
 def test_ddp_two_cpu_processes_hold_identical_scales(tmp_path, recipe):
-    script = Path(__file__).with_name("ddp_qat_script.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    subprocess.run([sys.executable, str(script), recipe, str(tmp_path)], check=True, env=env, timeout=300, cwd=tmp_path)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0, r1 = _run_two_ranks("ddp_qat_script.py", recipe, tmp_path)
     assert r0.keys() == r1.keys()
     assert any("scale" in k for k in r0)
     for key in r0:
@@ -27,11 +31,7 @@ def test_ddp_two_cpu_processes_hold_identical_scales(tmp_path, recipe):
 @pytest.mark.parametrize("recipe", ["reactnet", "elq_ternary"])
 def test_ddp_binarization_and_elq_keep_ranks_identical(tmp_path, recipe):
     """ReActNet's RSign/RPReLU shifts and ELQ's loss-aware masks (from per-rank gradients) agree on both ranks."""
-    script = Path(__file__).with_name("ddp_qat_script.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    subprocess.run([sys.executable, str(script), recipe, str(tmp_path)], check=True, env=env, timeout=300, cwd=tmp_path)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0, r1 = _run_two_ranks("ddp_qat_script.py", recipe, tmp_path)
     assert r0.keys() == r1.keys()
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key

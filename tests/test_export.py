@@ -4,10 +4,10 @@ import copy
 import os
 import warnings
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_trainer
 from torch import nn
 
 from lightning_quant import (
@@ -29,26 +29,7 @@ from lightning_quant.quantizers import QuantizerConfig
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 QUICK = ["diagnostics.summary=false"]
-
-
-def _trainer(callbacks=(), **kw):
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **kw,
-    )
-
-
-@pytest.fixture(scope="module")
-def float_model():
-    pl.seed_everything(0)
-    model = ImageClassifier(DigitsCNN(width=16), optimizer="adam", lr=3e-3, epochs=4)
-    _trainer(max_epochs=4).fit(model, datamodule=DigitsDataModule())
-    return model
+_trainer = quiet_trainer
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,16 +25,7 @@ from lightning_quant.recipes import RecipeError
 transformers = pytest.importorskip("transformers")
 from lightning_quant.examples.text import SentenceEncoder  # noqa: E402
 
-
-def _trainer(callbacks=()):
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
+_trainer = quiet_trainer
 
 
 def _tiny_bert():

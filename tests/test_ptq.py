@@ -6,6 +6,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -20,27 +21,7 @@ from lightning_quant.quantizers.observers import HistogramObserver, MSEObserver
 from lightning_quant.recipes import RecipeError
 
 QUICK = ["diagnostics.summary=false"]
-
-
-def _trainer(callbacks=(), **kw):
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **kw,
-    )
-
-
-@pytest.fixture(scope="module")
-def float_model():
-    """A digits CNN trained in float for a few epochs (the model every PTQ test starts from)."""
-    pl.seed_everything(0)
-    model = ImageClassifier(DigitsCNN(width=16), optimizer="adam", lr=3e-3, epochs=4)
-    _trainer(max_epochs=4).fit(model, datamodule=DigitsDataModule())
-    return model
+_trainer = quiet_trainer
 
 
 def _predict(model, callbacks=(), **kw):

@@ -1,0 +1,26 @@
+"""Shared test helpers: a quiet CPU Trainer and the float digits model that PTQ and export tests start from."""
+
+import lightning.pytorch as pl
+
+from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
+
+
+def quiet_trainer(callbacks=(), **kw):
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kw,
+    )
+
+
+def train_float_digits_model():
+    """A digits CNN (width 16) trained in float for 4 epochs with a fixed seed."""
+    pl.seed_everything(0)
+    model = ImageClassifier(DigitsCNN(width=16), optimizer="adam", lr=3e-3, epochs=4)
+    quiet_trainer(max_epochs=4).fit(model, datamodule=DigitsDataModule())
+    return model
