@@ -42,6 +42,13 @@ def stored(tensor: torch.Tensor, limit_mb: float) -> torch.Tensor:
     return mapped
 
 
+def run_until_stop(batches: Sequence[Any], run_batch: RunBatch) -> None:
+    """Run every batch through the model; a hook raising ``_Stop`` ends that batch's forward pass early."""
+    for batch in batches:
+        with contextlib.suppress(_Stop):
+            run_batch(batch)
+
+
 @torch.no_grad()
 def capture(
     unit: Unit, batches: Sequence[Any], run_batch: RunBatch, outputs: bool, limit_mb: float = 1024
@@ -68,9 +75,7 @@ def capture(
     if outputs:
         handles.append(last.register_forward_hook(post))
     try:
-        for batch in batches:
-            with contextlib.suppress(_Stop):
-                run_batch(batch)
+        run_until_stop(batches, run_batch)
     finally:
         for h in handles:
             h.remove()
@@ -110,9 +115,7 @@ def capture_calls(module: nn.Module, batches: Sequence[Any], run_batch: RunBatch
 
     handle = module.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        for batch in batches:
-            with contextlib.suppress(_Stop):
-                run_batch(batch)
+        run_until_stop(batches, run_batch)
     finally:
         handle.remove()
     if len(calls) != len(batches):

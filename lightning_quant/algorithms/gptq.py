@@ -14,7 +14,6 @@ produced by the already quantized blocks before it.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -22,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_quant.algorithms.capture import Call, RunBatch, _detached, _Stop
+from lightning_quant.algorithms.capture import Call, RunBatch, _detached, _Stop, run_until_stop
 from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, set_quant_state
 from lightning_quant.algorithms.registry import register_algorithm
 from lightning_quant.algorithms.units import Unit, find_units
@@ -174,9 +173,7 @@ def gptq_unit(
         )
     try:
         with torch.no_grad():
-            for batch in batches:
-                with contextlib.suppress(_Stop):
-                    run_batch(batch)
+            run_until_stop(batches, run_batch)
     finally:
         for h in handles:
             h.remove()
