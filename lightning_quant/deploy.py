@@ -119,10 +119,7 @@ def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[t
         w = layer.quantized_weight().detach().clone()
         bias = layer.bias.detach().clone() if layer.bias is not None else None  # type: ignore[union-attr]
         if isinstance(layer, _QuantConvNd) and layer.folded_bn is not None:
-            bn = layer.folded_bn
-            beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
-            base = bias if bias is not None else torch.zeros_like(bn.running_mean)
-            bias = (beta + (base - bn.running_mean) * layer._fold_factor()).detach()
+            bias = layer.folded_bias().detach().clone()
     return w, bias
 
 

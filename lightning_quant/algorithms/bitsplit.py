@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_quant.algorithms.capture import RunBatch, capture
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, set_quant_state
+from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized, set_quant_state
 from lightning_quant.algorithms.registry import register_algorithm
 from lightning_quant.algorithms.units import find_units
 from lightning_quant.nn.modules import QuantizedLayer
@@ -116,9 +116,7 @@ def bitsplit(
     generator = torch.Generator().manual_seed(cfg.seed)
     units = find_units(model, blocks=False)
     curves: dict[str, list[float]] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_then_quantized(model):
         for index, unit in enumerate(units):
             layer = unit.modules[0]
             assert isinstance(layer, QuantizedLayer)
@@ -159,7 +157,4 @@ def bitsplit(
             curves[unit.name] = [before, after]
             if progress is not None:
                 progress(Step("bitsplit", unit.name, index, len(units), 1, 1, after))
-    finally:
-        set_quant_state(model, weights=True, activations=True)
-        model.train(was_training)
     return curves

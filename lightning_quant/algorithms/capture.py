@@ -100,6 +100,18 @@ def _detached(value: Any) -> Any:
     return value
 
 
+def _stop_hook(*_: Any) -> None:
+    raise _Stop
+
+
+def record_calls(module: nn.Module, calls: list[Call]) -> Any:
+    """Append the (detached) positional and keyword arguments of every call of ``module`` to ``calls``;
+    returns the hook handle."""
+    return module.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append((_detached(args), _detached(kwargs))), with_kwargs=True
+    )
+
+
 @torch.no_grad()
 def capture_calls(module: nn.Module, batches: Sequence[Any], run_batch: RunBatch) -> list[Call]:
     """The positional and keyword arguments ``module`` is called with, once per batch, stopping there.
@@ -108,16 +120,12 @@ def capture_calls(module: nn.Module, batches: Sequence[Any], run_batch: RunBatch
     mask, position embeddings), so the block can be replayed with ``module(*args, **kwargs)``.
     """
     calls: list[Call] = []
-
-    def pre(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append((_detached(args), _detached(kwargs)))
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    handles = [record_calls(module, calls), module.register_forward_pre_hook(_stop_hook)]
     try:
         run_until_stop(batches, run_batch)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if len(calls) != len(batches):
         raise UnitSignatureError(
             f"{type(module).__name__} was not reached once per batch ({len(calls)} of {len(batches)})"

@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_quant.algorithms.capture import Call, RunBatch, _detached, _Stop, run_until_stop
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, set_quant_state
+from lightning_quant.algorithms.capture import Call, RunBatch, _stop_hook, record_calls, run_until_stop
+from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
 from lightning_quant.algorithms.registry import register_algorithm
 from lightning_quant.algorithms.units import Unit, find_units
 from lightning_quant.nn.modules import QuantizedLayer
@@ -121,11 +121,9 @@ def gptq_quantize(
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     out = torch.empty_like(codes)
     out[:, perm] = codes
-    if grouped:
+    if grouped:  # per-tensor and per-channel grids are used as calibrated
         q.scale.copy_(scale.reshape(-1))
         q.zero_point.copy_(zero.reshape(-1))
-    elif q.granularity == "per_tensor":
-        pass  # one shared grid, unchanged
     return out, loss
 
 
@@ -161,16 +159,9 @@ def gptq_unit(
         q.fake_quant_enabled = False  # the block's own layers run in float while their Hessians are gathered
     accumulators = [HessianAccumulator(layer) for layer, _ in targets]
 
-    def stop(*_: Any) -> None:
-        raise _Stop
-
-    handles = [unit.modules[-1].register_forward_hook(stop)]
+    handles = [unit.modules[-1].register_forward_hook(_stop_hook)]
     if calls is not None:
-        handles.append(
-            unit.modules[0].register_forward_pre_hook(
-                lambda _, args, kwargs: calls.append((_detached(args), _detached(kwargs))), with_kwargs=True
-            )
-        )
+        handles.append(record_calls(unit.modules[0], calls))
     try:
         with torch.no_grad():
             run_until_stop(batches, run_batch)
@@ -210,15 +201,10 @@ def gptq(
     """GPTQ block by block; returns each layer's GPTQ error as a one-point curve."""
     units = transformer_units(model, cfg)
     curves: dict[str, list[float]] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_then_quantized(model):
         for index, unit in enumerate(units):
             errors = gptq_unit(model, unit, batches, run_batch, cfg)
             curves.update({k: [v] for k, v in errors.items()})
             if progress is not None:
                 progress(Step("gptq", unit.name, index, len(units), 1, 1, sum(errors.values())))
-    finally:
-        set_quant_state(model, weights=True, activations=True)
-        model.train(was_training)
     return curves

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_quant.algorithms.capture import Call, RunBatch, first_tensor
 from lightning_quant.algorithms.gptq import gptq_unit, transformer_units
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, set_quant_state
+from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
 from lightning_quant.algorithms.registry import register_algorithm
 from lightning_quant.algorithms.units import Unit
 from lightning_quant.nn.modules import QuantizedLayer
@@ -91,9 +91,7 @@ def normtweak(
     tweakable = [u for u in tweakable if norm_layers(u.modules[0])]
     depth = {id(u.modules[0]): i for i, u in enumerate(tweakable)}
     curves: dict[str, list[float]] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_then_quantized(model):
         for index, unit in enumerate(units):
             calls: list[Call] = []
             errors = gptq_unit(model, unit, batches, run_batch, cfg, calls)
@@ -106,7 +104,4 @@ def normtweak(
                 loss = curves[unit.name][-1] if curves[unit.name] else loss
             if progress is not None:
                 progress(Step("normtweak", unit.name, index, len(units), 1, 1, loss))
-    finally:
-        set_quant_state(model, weights=True, activations=True)
-        model.train(was_training)
     return curves

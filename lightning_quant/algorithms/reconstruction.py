@@ -8,8 +8,9 @@ QDrop's random dropping of quantization; those are the arguments of :func:`recon
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -79,6 +80,18 @@ def set_quant_state(model: nn.Module, weights: bool, activations: bool) -> None:
             layer.weight_quantizer.fake_quant_enabled = weights
         if layer.input_quantizer is not None:
             layer.input_quantizer.fake_quant_enabled = activations
+
+
+@contextlib.contextmanager
+def eval_then_quantized(model: nn.Module) -> Iterator[None]:
+    """Run an algorithm with ``model`` in eval mode; afterwards every quantizer is on and the mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        set_quant_state(model, weights=True, activations=True)
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -166,9 +179,7 @@ def reconstruct(
     curves: dict[str, list[float]] = {}
     pending = find_units(model, blocks)
     index = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_then_quantized(model):
         while pending:
             unit = pending.pop(0)
             try:
@@ -195,9 +206,6 @@ def reconstruct(
                 if len(unit.modules) == 1 and unit.layers() == unit.modules:
                     raise
                 pending = split_units(model, unit) + pending
-    finally:
-        set_quant_state(model, weights=True, activations=True)
-        model.train(was_training)
     return curves
 
 

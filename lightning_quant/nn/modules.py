@@ -66,6 +66,16 @@ class _QuantConvNd(QuantizedLayer):
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
         return gamma / torch.sqrt(bn.running_var + bn.eps)
 
+    def folded_bias(self) -> torch.Tensor:
+        """The bias once the folded BatchNorm's running statistics and affine are absorbed (eval / frozen BN)."""
+        bn = self.folded_bn
+        assert bn is not None
+        assert bn.running_var is not None
+        assert bn.running_mean is not None
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        return beta + (bias - bn.running_mean) * self._fold_factor()
+
     def weight_to_quantize(self) -> torch.Tensor:
         weight: torch.Tensor = self.weight  # type: ignore[assignment]
         if self.folded_bn is None:
@@ -95,7 +105,7 @@ class _QuantConvNd(QuantizedLayer):
         if self.training and not self.bn_frozen:
             y = y / factor.reshape(oshape) + bias.reshape(oshape)
             return F.batch_norm(y, bn.running_mean, bn.running_var, gamma, beta, True, bn.momentum or 0.1, bn.eps)
-        return y + (beta + (bias - bn.running_mean) * factor).reshape(oshape)
+        return y + self.folded_bias().reshape(oshape)
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):
