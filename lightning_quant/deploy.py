@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_quant.nn.modules import FoldedBatchNorm, QuantizedLayer, _QuantConvNd
+from lightning_quant.nn.modules import FoldedBatchNorm, QuantizedLayer, _QuantConvNd, is_linear
 from lightning_quant.nn.surgery import quantized_layers
 from lightning_quant.quantizers import LSQQuantizer, ObserverQuantizer, PACTQuantizer, Quantizer
 from lightning_quant.quantizers.binary import BinaryQuantizer
@@ -132,11 +132,11 @@ class DeployLayer(nn.Module):
 
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__()
-        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if not (is_linear(layer) or isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
             raise ExportError(
                 f"'{name}': {type(layer).__name__} layers are not exportable (Linear and Conv1d/2d/3d are)"
             )
-        self.kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+        self.kind = "linear" if is_linear(layer) else "conv"
         self.conv_args: tuple[Any, ...] = ()
         if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
@@ -459,7 +459,7 @@ class PackedBinaryLayer(nn.Module):
         self.register_buffer("alpha", alpha.float())
         self.register_buffer("bias", bias)
         self.shape = tuple(w.shape)
-        self.kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+        self.kind = "linear" if is_linear(layer) else "conv"
         self.conv_args: tuple[Any, ...] = ()
         if self.kind == "conv":
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)  # type: ignore[attr-defined]

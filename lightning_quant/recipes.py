@@ -347,11 +347,22 @@ def validate_recipe(recipe: Recipe) -> None:
     )
 
 
+DATA_SOURCES = ("train", "val", "generated", "auto")
+
+
 def _validate_ptq(recipe: Recipe, src: str) -> None:
     ptq = recipe.ptq
     _check(ptq.algorithm in ALGORITHMS, src, "ptq.algorithm", ptq.algorithm, f"allowed: {sorted(ALGORITHMS)}")
     _check(ptq.num_samples >= 1, src, "ptq.num_samples", ptq.num_samples, "must be >= 1")
-    _check(ptq.dataloader in ("train", "val"), src, "ptq.dataloader", ptq.dataloader, "allowed: train, val")
+    _check(ptq.dataloader in DATA_SOURCES, src, "ptq.dataloader", ptq.dataloader, f"allowed: {', '.join(DATA_SOURCES)}")
+    _check(ptq.generate_length >= 2, src, "ptq.generate_length", ptq.generate_length, "must be >= 2")
+    _check(
+        0 <= ptq.generate_greedy < ptq.generate_length,
+        src,
+        "ptq.generate_greedy",
+        ptq.generate_greedy,
+        f"allowed: 0 <= generate_greedy < generate_length ({ptq.generate_length})",
+    )
     _check(ptq.iters >= 0, src, "ptq.iters", ptq.iters, "must be >= 0")
     _check(ptq.act_iters is None or ptq.act_iters >= 0, src, "ptq.act_iters", ptq.act_iters, "must be >= 0")
     _check(ptq.batch_size >= 1, src, "ptq.batch_size", ptq.batch_size, "must be >= 1")

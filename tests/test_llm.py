@@ -11,10 +11,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import quiet_trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_quant import PostTrainingQuantization, load_recipe
+from lightning_quant import PostTrainingQuantization, export, load_recipe
 from lightning_quant.algorithms import PTQConfig, calibrate, finalize, set_quant_state
 from lightning_quant.algorithms.gptq import gptq_quantize, transformer_units
 from lightning_quant.algorithms.normtweak import channel_stats_loss, norm_layers
@@ -205,16 +206,115 @@ def test_llama_style_decoder_blocks_are_found_and_quantized(tmp_path):
     assert torch.equal(torch.cat(_trainer([cb2]).predict(fresh, inputs, ckpt_path=ckpt)), logits)
 
 
-def test_gpt2_blocks_are_found_and_its_conv1d_layers_are_named_when_left_float():
-    cfg = transformers.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=2, n_positions=64)
+def _tiny_gpt2(layers=2):
+    cfg = transformers.GPT2Config(vocab_size=120, n_embd=64, n_layer=layers, n_head=2, n_positions=160)
     torch.manual_seed(0)
-    model = CausalLM(transformers.GPT2LMHeadModel(cfg).eval())
-    cb = PostTrainingQuantization("rtn_w4g128", overrides=["layers.last_layer=same", *SMALL_GROUPS])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cb.prepare(model)
-    text = " ".join(str(w.message) for w in caught)
-    assert "Conv1D" in text and "model.transformer.h.0.attn.c_attn" in text
+    return CausalLM(transformers.GPT2LMHeadModel(cfg).eval())
+
+
+def test_gpt2_conv1d_layers_are_quantized_like_linear_layers(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_quant.nn.transformers_layers import QuantTransformersConv1D
+
+    float_model = _tiny_gpt2()
+    inputs = _token_batches(2, seed=4)
+    with torch.no_grad():
+        ref = torch.cat([float_model(**b) for b in inputs])
+    outs = {}
+    for name in ("rtn_w4g128", "gptq_w4g128"):
+        model = copy.deepcopy(float_model)
+        cb = PostTrainingQuantization(name, overrides=SMALL_GROUPS, calibration_dataloader=_token_batches(16))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cb.prepare(model)
+        assert not [w for w in caught if "Conv1D" in str(w.message)]
+        layer = model.model.transformer.h[0].attn.c_attn
+        assert isinstance(layer, QuantTransformersConv1D) and isinstance(layer, Conv1D)
+        assert layer.weight.shape == (64, 192)  # stored (in, out) as before: the state dict keeps its layout
+        assert layer.weight_quantizer.scale.numel() == 192 * 64 // 32  # groups of 32 inputs per output
+        trainer = _trainer([cb])
+        outs[name] = torch.cat(trainer.predict(model, inputs))
+        codes = layer.weight_quantizer.quantize(layer.weight_to_quantize()).reshape(192, -1, 32)
+        assert max(len(torch.unique(g)) for g in codes.reshape(-1, 32)) <= 16
+    err = {k: (v - ref).pow(2).mean() for k, v in outs.items()}
+    assert 0 < err["gptq_w4g128"] < err["rtn_w4g128"]
+    ckpt = tmp_path / "gpt2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    fresh = _tiny_gpt2()
+    cb2 = PostTrainingQuantization("gptq_w4g128", overrides=SMALL_GROUPS, calibration_dataloader=_token_batches())
+    assert torch.equal(torch.cat(_trainer([cb2]).predict(fresh, inputs, ckpt_path=ckpt)), outs["gptq_w4g128"])
+
+
+def test_quantized_conv1d_computes_what_the_float_conv1d_computes_and_exports(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(48, 64), Conv1D(32, 48))
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        ref = model(x)
+    recipe = load_recipe("minmax_w8a8", overrides=["layers.first_layer=same", "layers.last_layer=same"])
+    quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
+    set_quant_state(model, weights=False, activations=False)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-6)
+    calibrate(model, [x], lambda b: model(b))
+    finalize(model)
+    set_quant_state(model, weights=True, activations=True)
+    with torch.no_grad():
+        fake = model(x)
+        path = export(model, x, tmp_path / "conv1d.pt2")  # exported as int8 Linear layers
+        assert torch.equal(torch.export.load(str(path)).module()(x), fake)
+
+
+def test_generated_calibration_data_starts_greedy_then_samples():
+    from lightning_quant.algorithms.normtweak import find_causal_lm, generate_calibration_data
+
+    model = _tiny_gpt2()
+    assert find_causal_lm(_tiny_bert()) is None
+    lm = find_causal_lm(model)
+    assert lm is model.model
+    batches = generate_calibration_data(lm, num_samples=5, length=12, greedy=3, seed=1, batch_size=2)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert ids.shape == (5, 12) and [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    assert torch.equal(torch.cat([b["attention_mask"] for b in batches]), torch.ones(5, 12))
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits
+    greedy = logits[:, :3].argmax(-1)  # tokens 1..3 are the arg-max after their prefix
+    assert torch.equal(ids[:, 1:4], greedy)
+    sampled = logits[:, 3:-1].argmax(-1)
+    assert not torch.equal(ids[:, 4:], sampled)  # later tokens are drawn, not the arg-max
+    again = generate_calibration_data(lm, num_samples=5, length=12, greedy=3, seed=1, batch_size=2)
+    assert torch.equal(torch.cat([b["input_ids"] for b in again]), ids)
+    other = generate_calibration_data(lm, num_samples=5, length=12, greedy=3, seed=2, batch_size=2)
+    assert not torch.equal(torch.cat([b["input_ids"] for b in other]), ids)
+
+
+def test_norm_tweaking_calibrates_a_decoder_on_its_own_generated_text():
+    model = _tiny_gpt2()
+    cb = PostTrainingQuantization(
+        "normtweak_w4g128",
+        overrides=[*SMALL_GROUPS, "ptq.norm_lr=1e-3", "ptq.generate_length=24", "ptq.batch_size=4"],
+        num_samples=8,
+    )
+    logits = torch.cat(_trainer([cb]).predict(model, _token_batches(2, seed=2)))
+    assert cb.calibration_source == "generated"
+    assert torch.isfinite(logits).all()
+    tweaked = [k for k in cb.curves if "(gptq)" not in k]
+    assert tweaked == ["model.transformer.h.0", "model.transformer.h.1"]
+    assert all(len(cb.curves[k]) == 2 for k in tweaked)  # 8 samples in batches of 4, one pass
+
+    encoder = _tiny_bert()
+    cb = PostTrainingQuantization("normtweak_w4g128", overrides=SMALL_GROUPS, calibration_dataloader=_token_batches())
+    _trainer([cb]).predict(encoder, _token_batches(1))
+    assert cb.calibration_source == "given"  # an encoder cannot generate: real text
+
+
+def test_generated_data_on_a_model_that_cannot_generate_is_a_clear_error():
+    cb = PostTrainingQuantization("normtweak_w4g128", overrides=[*SMALL_GROUPS, "ptq.dataloader=generated"])
+    with pytest.raises(MisconfigurationException, match="ptq.dataloader='generated' needs a causal language model"):
+        _trainer([cb]).predict(_tiny_bert(), _token_batches(1))
 
 
 def test_dynamic_activations_use_one_step_per_token():

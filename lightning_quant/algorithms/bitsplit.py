@@ -24,7 +24,7 @@ from lightning_quant.algorithms.capture import RunBatch, capture
 from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized, set_quant_state
 from lightning_quant.algorithms.registry import register_algorithm
 from lightning_quant.algorithms.units import find_units
-from lightning_quant.nn.modules import QuantizedLayer
+from lightning_quant.nn.modules import QuantizedLayer, is_linear
 from lightning_quant.quantizers import ObserverQuantizer
 
 MAX_ROWS = 15000  # sampled input rows (patches) per layer, as in the paper's code
@@ -32,7 +32,7 @@ MAX_ROWS = 15000  # sampled input rows (patches) per layer, as in the paper's co
 
 def _rows(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The layer's input as rows matching ``weight.reshape(C_out, -1)``: patches for Conv2d, features for Linear."""
-    if isinstance(layer, nn.Linear):
+    if is_linear(layer):
         return x.reshape(-1, x.shape[-1])
     if isinstance(layer, nn.Conv2d) and layer.groups == 1 and isinstance(layer.padding, tuple):
         cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)

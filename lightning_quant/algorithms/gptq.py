@@ -25,7 +25,7 @@ from lightning_quant.algorithms.capture import Call, RunBatch, _stop_hook, recor
 from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
 from lightning_quant.algorithms.registry import register_algorithm
 from lightning_quant.algorithms.units import Unit, find_units
-from lightning_quant.nn.modules import QuantizedLayer
+from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.quantizers.functional import qparams_from_range
 
@@ -34,7 +34,7 @@ class HessianAccumulator:
     """Running ``H = 2/n · Σ xxᵀ`` over the rows fed to a Linear layer (its quantized input, if any)."""
 
     def __init__(self, layer: QuantizedLayer) -> None:
-        features = layer.weight.shape[1]  # type: ignore[index]
+        features = linear_in_features(layer)
         self.hessian = torch.zeros(features, features, device=layer.weight.device)  # type: ignore[union-attr]
         self.rows = 0
         self.layer = layer
@@ -131,7 +131,7 @@ def _supported(layer: QuantizedLayer, name: str) -> Optional[ObserverQuantizer]:
     q = layer.weight_quantizer
     if not isinstance(q, ObserverQuantizer) or not q.fake_quant_enabled:
         return None
-    if not isinstance(layer, nn.Linear) or (q.granularity == "per_channel" and q.axis != 0):
+    if not is_linear(layer) or (q.granularity == "per_channel" and q.axis != 0):
         warnings.warn(
             f"gptq: '{name}' ({type(layer).__name__}) is not a Linear layer; kept nearest rounding", stacklevel=3
         )
@@ -174,7 +174,7 @@ def gptq_unit(
     errors: dict[str, float] = {}
     for (layer, q), hessian in zip(targets, hessians):
         codes, err = gptq_quantize(layer.weight_to_quantize(), hessian, q, cfg.gptq_block_size, cfg.damp, cfg.act_order)
-        q.set_codes(codes.reshape(layer.weight.shape))  # type: ignore[union-attr]
+        q.set_codes(codes)  # type: ignore[union-attr]
         errors[names.get(id(layer), "?")] = err
     return errors
 

@@ -30,7 +30,9 @@ class PTQConfig:
 
     algorithm: str = "none"  # none (calibration only / RTN), adaround, brecq, qdrop, bitsplit, gptq, normtweak
     num_samples: int = 1024  # calibration samples drawn from the calibration dataloader
-    dataloader: str = "train"  # which of the datamodule's dataloaders: train or val
+    dataloader: str = "train"  # train or val (the datamodule's), generated (by the model itself), or auto
+    generate_length: int = 128  # generated calibration data: tokens per sample ...
+    generate_greedy: int = 4  # ... of which the first ones after the random first token are greedy
     seed: int = 0  # fixes which samples are drawn and the reconstruction's randomness
     iters: int = 20000  # reconstruction iterations per unit (lower it for quick runs)
     act_iters: Optional[int] = None  # BRECQ's activation-step stage; None: iters // 4 (20k -> 5k)

@@ -45,7 +45,7 @@ def weight_metrics(model: torch.nn.Module) -> dict[str, float]:
             q = layer.weight_quantizer
             if q is None or not q.fake_quant_enabled or not bool(q.initialized):
                 continue
-            w = layer.weight.detach()
+            w = layer.weight_to_quantize().detach()
             wq = q.quantize(w)
             out[f"quant/{name}/weight_sqnr_db"] = sqnr_db(w, wq)
             out[f"quant/{name}/weight_scale"] = float(q.scale_values().float().mean())

@@ -30,7 +30,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_quant.callbacks.diagnostics import log_metrics
-from lightning_quant.nn.modules import TYPE_NAMES
+from lightning_quant.nn.modules import quantized_class, selection_name
 from lightning_quant.nn.surgery import clean_name
 from lightning_quant.recipes import Recipe, RecipeError, load_recipe
 
@@ -113,11 +113,11 @@ class IncrementalQuantization(Callback):
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers the recipe selects (types, include/exclude globs, first/last rules)."""
         sel = self.recipe.layers
-        allowed = tuple(TYPE_NAMES[t] for t in sel.types)
         found = [
             (clean_name(n), m)
             for n, m in model.named_modules()
-            if type(m) in allowed
+            if (qcls := quantized_class(type(m))) is not None
+            and selection_name(qcls) in sel.types
             and any(fnmatch.fnmatchcase(clean_name(n), p) for p in sel.include)
             and not any(fnmatch.fnmatchcase(clean_name(n), p) for p in sel.exclude)
         ]

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_quant.algorithms import ALGORITHMS, Step, calibrate, finalize, set_quant_state
+from lightning_quant.algorithms.normtweak import find_causal_lm, generate_calibration_data
 from lightning_quant.callbacks.base import RecipeCallback, _quantizers, load_quantizer_state, quantizer_state
 from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
 from lightning_quant.nn import summarize
@@ -74,7 +75,9 @@ class PostTrainingQuantization(RecipeCallback):
         overrides: ``"key.path=value"`` strings applied on top of the recipe.
         weight_bits / activation_bits: shortcuts for ``weights.bits`` / ``activations.bits``.
         num_samples / iters / seed: shortcuts for ``ptq.num_samples`` / ``ptq.iters`` / ``ptq.seed``.
-        calibration_dataloader: ``"train"`` or ``"val"`` (the datamodule's), or any iterable of batches.
+        calibration_dataloader: ``"train"`` or ``"val"`` (the datamodule's), ``"generated"`` (token sequences
+            written by the model's own causal LM, fed as ``input_ids``/``attention_mask`` keyword arguments),
+            ``"auto"`` (generated when the model holds a causal LM, else train), or any iterable of batches.
         at_fit_end: also quantize when ``fit`` ends (validation inside ``fit`` always runs in float).
         compare_float: log output SQNR and top-1 agreement against the float model during evaluation.
         export_path / export_format: write the quantized model there once it is calibrated (format from the
@@ -109,6 +112,7 @@ class PostTrainingQuantization(RecipeCallback):
         self.at_fit_end = at_fit_end
         self.compare_float = compare_float
         self.calibrated = False
+        self.calibration_source = ""  # where the last calibration data came from: generated, train, val, given
         self.timings: dict[str, float] = {}
         self.curves: dict[str, list[float]] = {}
         self._compare_handle: Any = None
@@ -140,6 +144,13 @@ class PostTrainingQuantization(RecipeCallback):
                     f"{self.recipe.source}: ptq.blocks={blocks!r}: {type(pl_module).__name__} has no such module; "
                     "name the module whose children are the blocks (e.g. 'model.encoder.layer')"
                 ) from err
+        wants_lm = self.recipe.ptq.dataloader == "generated" and self.calibration_data is None
+        if wants_lm and find_causal_lm(pl_module) is None:
+            raise MisconfigurationException(
+                f"{self.recipe.source}: ptq.dataloader='generated' needs a causal language model (a Hugging Face "
+                f"model that can generate) inside {type(pl_module).__name__}; none was found. Use 'train', 'val' "
+                "or pass calibration_dataloader=..."
+            )
         self.prepare(pl_module)
         if not self.calibrated:
             set_quant_state(pl_module, weights=False, activations=False)  # float until calibrated
@@ -150,12 +161,39 @@ class PostTrainingQuantization(RecipeCallback):
             q.observer_enabled = False
 
     # -- the post-training run -----------------------------------------------------------------------------
+    def _generated_batches(self, pl_module: pl.LightningModule) -> Optional[list[Any]]:
+        """Calibration data written by the model itself, when the recipe asks for it and the model can."""
+        ptq = self.recipe.ptq
+        lm = find_causal_lm(pl_module) if ptq.dataloader in ("generated", "auto") else None
+        if self.calibration_data is not None or lm is None:
+            if ptq.dataloader == "auto" and self.calibration_data is None:
+                rank_zero_info("lightning-quant: no causal language model found; calibrating on the train dataloader")
+            return None
+        rank_zero_info(
+            f"lightning-quant: generating {ptq.num_samples} calibration samples of {ptq.generate_length} tokens with "
+            f"{type(lm).__name__} (random first token, {ptq.generate_greedy} greedy, then sampled)"
+        )
+        was_training = lm.training
+        lm.eval()
+        try:
+            return generate_calibration_data(
+                lm, ptq.num_samples, ptq.generate_length, ptq.generate_greedy, ptq.seed, ptq.batch_size
+            )
+        finally:
+            lm.train(was_training)
+
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         ptq = self.recipe.ptq
+        generated = self._generated_batches(pl_module)
+        if generated is not None:
+            self.calibration_source = "generated"
+            return generated
         source: Any = self.calibration_data
+        self.calibration_source = "given"
         if source is None:
+            self.calibration_source = "val" if ptq.dataloader == "val" else "train"
             holder = trainer.datamodule if trainer.datamodule is not None else pl_module
-            name = "train_dataloader" if ptq.dataloader == "train" else "val_dataloader"
+            name = "val_dataloader" if ptq.dataloader == "val" else "train_dataloader"
             try:
                 source = getattr(holder, name)()
             except (AttributeError, NotImplementedError, MisconfigurationException) as err:

@@ -22,6 +22,7 @@ class QuantizedLayer(nn.Module):
     float_class: ClassVar[type[nn.Module]]
     weight_axis: ClassVar[int] = 0  # output-channel axis of the weight
     has_input: ClassVar[bool] = True
+    selected_as: ClassVar[str] = ""  # the ``layers.types`` name that selects it (default: the float class name)
     weight_quantizer: Optional[Quantizer]
     input_quantizer: Optional[Quantizer]
 
@@ -232,6 +233,39 @@ FOLDED_BN_CLASSES: dict[type[nn.Module], type[FoldedBatchNorm]] = {
     cls.float_class: cls for cls in (FoldedBatchNorm1d, FoldedBatchNorm2d, FoldedBatchNorm3d)
 }
 TYPE_NAMES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in QUANTIZED_CLASSES}
+
+
+def is_transformers_conv1d(cls: type[nn.Module]) -> bool:
+    """True for Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's Linear with a transposed weight).
+
+    Checked by name so that ``transformers`` is never imported here.
+    """
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
+def quantized_class(float_class: type[nn.Module]) -> Optional[type[QuantizedLayer]]:
+    """The quantized class for a float layer class, or None. ``transformers``' Conv1D is registered on first use."""
+    qcls = QUANTIZED_CLASSES.get(float_class)
+    if qcls is None and is_transformers_conv1d(float_class):
+        from lightning_quant.nn.transformers_layers import QuantTransformersConv1D
+
+        qcls = QUANTIZED_CLASSES.setdefault(float_class, QuantTransformersConv1D)
+    return qcls
+
+
+def selection_name(qcls: type[QuantizedLayer]) -> str:
+    """The ``layers.types`` entry that selects layers of this quantized class."""
+    return qcls.selected_as or qcls.float_class.__name__
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer computing ``x @ W.T + b`` over the last dimension: ``nn.Linear`` or transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or any(is_transformers_conv1d(c) for c in type(module).__mro__)
+
+
+def linear_in_features(module: nn.Module) -> int:
+    """Input width of a layer for which :func:`is_linear` holds."""
+    return int(module.in_features) if isinstance(module, nn.Linear) else int(module.weight.shape[0])  # type: ignore[union-attr]
 
 
 def swap_class(module: nn.Module, new_class: type[Any]) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_quant.nn.modules import QuantizedLayer
+from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
 from lightning_quant.nn.surgery import clean_name, format_table
 
 _FLOAT_BITS = 32
@@ -150,8 +150,8 @@ class ModelSummary:
 def _layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
     if not isinstance(output, torch.Tensor):
         return 0
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
+    if is_linear(module):
+        return output.numel() * linear_in_features(module)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         x = inputs[0]
         return x.numel() * module.out_channels // module.groups * math.prod(module.kernel_size)
@@ -179,7 +179,7 @@ def summarize(model: nn.Module, example_input: Optional[Any] = None) -> ModelSum
     rows: dict[int, LayerCost] = {}
     counted: set[int] = set()
     for name, m in model.named_modules():
-        if not isinstance(m, layer_types) or id(m) in rows:
+        if not (isinstance(m, layer_types) or is_linear(m)) or id(m) in rows:
             continue
         w, a = _bits(m)
         if isinstance(m, nn.Embedding):

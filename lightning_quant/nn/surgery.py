@@ -16,10 +16,11 @@ from torch import nn
 from lightning_quant.nn.modules import (
     FOLDED_BN_CLASSES,
     QUANTIZED_CLASSES,
-    TYPE_NAMES,
     FoldedBatchNorm,
     QuantizedLayer,
     _QuantConvNd,
+    quantized_class,
+    selection_name,
     swap_class,
 )
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig, build_quantizer
@@ -166,7 +167,6 @@ def quantize_model(
         print(report.table())
     """
     layers = layers or LayerSelection()
-    allowed = tuple(TYPE_NAMES[t] for t in layers.types)
     report = QuantizationReport()
     seen: set[int] = set()
     candidates: list[tuple[str, nn.Module]] = []
@@ -182,7 +182,8 @@ def quantize_model(
         if isinstance(module, (FoldedBatchNorm, OptionalStateModule)):
             seen.update(id(m) for m in module.modules())  # quantizers and their observers
             continue
-        if type(module) in allowed:
+        qcls = quantized_class(type(module))
+        if qcls is not None and selection_name(qcls) in layers.types:
             candidates.append((name, module))
             continue
         own_params = [n for n, _ in module.named_parameters(recurse=False)]
@@ -255,21 +256,28 @@ def _convert(
     acfg: Optional[QuantizerConfig],
     bn: Optional[nn.modules.batchnorm._BatchNorm] = None,
 ) -> None:
-    qcls = QUANTIZED_CLASSES[type(module)]
-    weight = module.weight
-    wq = None
-    if wcfg is not None:
-        wcfg = copy.copy(wcfg)
-        if wcfg.axis is None:
-            wcfg.axis = qcls.weight_axis
-        wq = build_quantizer(wcfg, "weight", num_groups(weight.shape, wcfg.granularity, wcfg.axis, wcfg.group_size))  # type: ignore[arg-type]
-        wq.to(weight.device)
-    aq = None
-    if acfg is not None and qcls.has_input:
-        channels = getattr(module, "in_channels", getattr(module, "in_features", 1))
-        groups = channels if QUANTIZERS[acfg.method].per_input_channel else 1  # e.g. ReActNet's RSign shifts
-        aq = build_quantizer(acfg, "activation", groups).to(weight.device)
-    swap_class(module, qcls)
+    qcls = quantized_class(type(module))
+    assert qcls is not None
+    float_cls = type(module)
+    swap_class(module, qcls)  # first, so the weight is seen in the layout its quantizer uses
+    try:
+        layer: QuantizedLayer = module  # type: ignore[assignment]
+        weight = layer.weight_to_quantize()
+        wq = None
+        if wcfg is not None:
+            wcfg = copy.copy(wcfg)
+            if wcfg.axis is None:
+                wcfg.axis = qcls.weight_axis
+            groups = num_groups(weight.shape, wcfg.granularity, wcfg.axis, wcfg.group_size)  # type: ignore[arg-type]
+            wq = build_quantizer(wcfg, "weight", groups).to(weight.device)
+        aq = None
+        if acfg is not None and qcls.has_input:
+            channels = getattr(module, "in_channels", getattr(module, "in_features", 1))
+            groups = channels if QUANTIZERS[acfg.method].per_input_channel else 1  # e.g. ReActNet's RSign shifts
+            aq = build_quantizer(acfg, "activation", groups).to(weight.device)
+    except Exception:
+        swap_class(module, float_cls)
+        raise
     module.weight_quantizer = wq
     module.input_quantizer = aq
     if bn is not None:
