@@ -17,7 +17,7 @@ from lightning_quant.algorithms.capture import stored
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
 from lightning_quant.nn import LayerSelection
 from lightning_quant.quantizers import ObserverQuantizer, QuantizerConfig
-from lightning_quant.quantizers.observers import HistogramObserver, MSEObserver
+from lightning_quant.quantizers.observers import HistogramObserver, MSEObserver, kl_divergences
 from lightning_quant.recipes import RecipeError
 
 QUICK = ["diagnostics.summary=false"]
@@ -42,6 +42,33 @@ def test_kl_observer_clips_gaussian_tails_but_not_uniform():
     uniform(torch.rand(1, 100_000) * 2 - 1)
     uniform.finalize()
     assert float(uniform.max_val) > 0.97  # nothing worth clipping in a uniform distribution
+
+
+def _kl_by_definition(hist, levels, i):
+    """KL(P || Q) for ``i`` kept bins, built bin by bin as TensorRT's calibrator describes it."""
+    ref = hist[:i].clone().double()
+    ref[i - 1] += hist[i:].sum()
+    cut = hist[:i].double()
+    q = torch.zeros(i, dtype=torch.float64)
+    for b in range(levels):
+        members = [j for j in range(i) if min(j * levels // i, levels - 1) == b]
+        filled = [j for j in members if cut[j] > 0]
+        for j in filled:
+            q[j] = cut[members].sum() / len(filled)
+    p, q = ref / ref.sum(), q / q.sum()
+    return float(sum(p[j] * math.log(p[j] / max(q[j], 1e-12)) for j in range(i) if p[j] > 0))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefix_sum_kl_matches_the_definition(seed):
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(0, 50, (96,), generator=g).float()
+    hist[torch.rand(96, generator=g) < 0.3] = 0  # empty bins, including some last kept bins
+    levels = 8
+    kept = torch.arange(levels, 97)
+    fast = kl_divergences(hist, levels, kept)
+    slow = torch.tensor([_kl_by_definition(hist, levels, int(i)) for i in kept], dtype=torch.float64)
+    assert torch.allclose(fast.double(), slow, rtol=1e-4, atol=1e-5)
 
 
 def test_kl_observer_rebins_when_the_range_grows():

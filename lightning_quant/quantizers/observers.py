@@ -289,25 +289,14 @@ class HistogramObserver(Observer):
         self.min_val.clamp_(min=-threshold)
 
     def _best_threshold_bin(self, hist: torch.Tensor, levels: int) -> int:
-        """Number of kept bins of least KL divergence; all candidates are evaluated at once, as a matrix."""
+        """Number of kept bins of least KL divergence: about 256 evenly spaced candidates, then every bin
+        around the best of them (TensorRT tries every bin; this finds the same minimum unless two basins lie
+        within one coarse step)."""
         step = max(1, (self.bins - levels) // 256)
-        kept_bins = torch.arange(levels, self.bins + 1, step, device=hist.device)  # candidates i
-        j = torch.arange(self.bins, device=hist.device)
-        kept = j[None, :] < kept_bins[:, None]  # (candidates, bins)
-        ref = hist[None, :] * kept
-        tail = hist.sum() - torch.cumsum(hist, 0)[kept_bins - 1]  # mass beyond each threshold
-        ref[torch.arange(len(kept_bins)), kept_bins - 1] += tail  # folded into the last kept bin
-        # quantize the kept bins to `levels` buckets, spreading each bucket's mass over its non-empty bins
-        bucket = torch.div(j[None, :] * levels, kept_bins[:, None], rounding_mode="floor").clamp_(max=levels - 1)
-        filled = (hist[None, :] > 0) & kept
-        zeros = torch.zeros(len(kept_bins), levels, dtype=hist.dtype, device=hist.device)
-        mass = zeros.scatter_add(1, bucket, hist[None, :] * kept)
-        support = zeros.scatter_add(1, bucket, filled.to(hist.dtype))
-        cand = torch.where(filled, mass.gather(1, bucket) / support.gather(1, bucket).clamp_min(1), 0.0)
-        p = ref / ref.sum(dim=1, keepdim=True)
-        q = cand / cand.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        terms = torch.where(p > 0, p * torch.log(p / q.clamp_min(1e-12)), 0.0)
-        return int(kept_bins[int(terms.sum(dim=1).argmin())])
+        coarse = torch.arange(levels, self.bins + 1, step, device=hist.device)
+        best = int(coarse[int(kl_divergences(hist, levels, coarse).argmin())])
+        fine = torch.arange(max(levels, best - step + 1), min(self.bins, best + step - 1) + 1, device=hist.device)
+        return int(fine[int(kl_divergences(hist, levels, fine).argmin())])
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -321,6 +310,45 @@ class HistogramObserver(Observer):
         dist.all_reduce(self.histogram, op=dist.ReduceOp.SUM)
         dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
         dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
+
+
+def kl_divergences(hist: torch.Tensor, levels: int, kept_bins: torch.Tensor) -> torch.Tensor:
+    """TensorRT's calibration criterion for each candidate threshold, from prefix sums of the histogram.
+
+    For ``i`` kept bins, ``P`` is the histogram cut at bin ``i`` with the cut-off mass added to bin ``i - 1``;
+    ``Q`` quantizes the cut histogram to ``levels`` buckets of consecutive bins, spreading each bucket's
+    mass evenly over its non-empty bins. Returns ``KL(P || Q)`` per candidate (a zero ``Q`` bin where ``P``
+    has mass counts as ``1e-12``). Bucket masses and ``Σ p log p`` come from cumulative sums, so a
+    candidate costs O(levels), not O(bins), and every bin can be a candidate.
+    """
+    h = hist.double()
+    zero = h.new_zeros(1)
+    mass_upto = torch.cat([zero, torch.cumsum(h, 0)])  # mass_upto[k] = Σ_{j<k} h_j
+    filled_upto = torch.cat([zero, torch.cumsum((h > 0).double(), 0)])
+    hlogh = torch.where(h > 0, h * torch.log(h.clamp_min(1e-300)), 0.0)
+    hlogh_upto = torch.cat([zero, torch.cumsum(hlogh, 0)])
+    total = mass_upto[-1]
+    i = kept_bins.long()
+    tail = total - mass_upto[i]
+    last = h[i - 1]
+    ref_last = last + tail  # the last kept bin of P, cut-off mass folded in
+    # Σ_j p_j log p_j, with p = ref / total
+    ref_log_ref = hlogh_upto[i - 1] + torch.where(ref_last > 0, ref_last * torch.log(ref_last.clamp_min(1e-300)), 0.0)
+    plogp = ref_log_ref / total - torch.log(total)
+    # buckets: bins [ceil(b·i/levels), ceil((b+1)·i/levels)) for b < levels
+    b = torch.arange(levels + 1, device=hist.device)
+    edges = torch.div(b[None, :] * i[:, None] + levels - 1, levels, rounding_mode="floor")  # (candidates, levels+1)
+    mass = torch.take(mass_upto, edges).diff(dim=1)
+    support = torch.take(filled_upto, edges).diff(dim=1)
+    log_avg = torch.where(support > 0, torch.log(mass.clamp_min(1e-300) / support.clamp_min(1)), 0.0)
+    kept_mass = mass_upto[i]  # Σ Q before normalising
+    # Σ_j p_j log q_j over bins where Q > 0 (every non-empty bin), then the last bin's folded tail
+    plogq = (mass * log_avg).sum(dim=1) + torch.where(last > 0, tail * log_avg[:, -1], 0.0)
+    covered = total - torch.where(last > 0, 0.0, ref_last)  # P's mass where Q > 0
+    plogq = (plogq - covered * torch.log(kept_mass.clamp_min(1e-300))) / total
+    empty_last = (last == 0) & (ref_last > 0)  # P has mass where Q has none
+    plogq = plogq + torch.where(empty_last, ref_last / total * math.log(1e-12), 0.0)
+    return (plogp - plogq).float()
 
 
 _OBSERVERS: dict[str, Callable[..., Observer]] = {
