@@ -40,6 +40,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import header, interleaved_ratios, quiet_trainer  # noqa: E402
 
 RECIPE = ["layers.fold_bn=true", "layers.first_layer=same", "layers.last_layer=same", "diagnostics.summary=false"]
+# layers whose outputs feed a residual addition, pooling or a GELU: the ones `export` names in its warning
+OUTPUTS = {
+    "digits": ["net.features.7"],
+    "resnet20": ["net.conv1", "*.conv2", "*.shortcut.0"],
+    "minilm": [f"net.{3 * i}" for i in range(6)],
+}
 
 
 class Wrapped(pl.LightningModule):
@@ -90,10 +96,14 @@ def build(name: str) -> tuple[pl.LightningModule, torch.Tensor, torch.Tensor, to
     return model, calib, torch.randn(64, 128, 384, generator=g), None, 1
 
 
-def quantize(model: pl.LightningModule, calib: torch.Tensor, recipe: str = "minmax_w8a8") -> pl.LightningModule:
+def quantize(
+    model: pl.LightningModule, calib: torch.Tensor, recipe: str = "minmax_w8a8", outputs: tuple[str, ...] = ()
+) -> pl.LightningModule:
     qmodel = copy.deepcopy(model)
     loader = [calib[i : i + 32] for i in range(0, len(calib), 32)]
     overrides = RECIPE if recipe == "minmax_w8a8" else ["layers.last_layer=same", "diagnostics.summary=false"]
+    if outputs:
+        overrides = [*overrides, "layers.quantize_outputs=[" + ",".join(f"'{g}'" for g in outputs) + "]"]
     cb = PostTrainingQuantization(recipe, overrides=overrides, calibration_dataloader=loader, compare_float=False)
     trainer = quiet_trainer([cb])
     cb.setup(trainer, qmodel, "validate")
@@ -164,12 +174,19 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
     model, calib, x, y, _ = build(name)
     model.eval()
     qmodel = quantize(model, calib)
+    qout = quantize(model, calib, outputs=tuple(OUTPUTS[name]))
     with torch.no_grad():
-        ref_float, ref_q = model(x), qmodel(x)
+        ref_float, ref_q, ref_qout = model(x), qmodel(x), qout(x)
     rows = []
-    paths = {"float": tmp / f"{name}_float.onnx", "ours": tmp / f"{name}_int8.onnx", "ort": tmp / f"{name}_ort.onnx"}
+    paths = {
+        "float": tmp / f"{name}_float.onnx",
+        "ours": tmp / f"{name}_int8.onnx",
+        "ours+out": tmp / f"{name}_int8_outputs.onnx",
+        "ort": tmp / f"{name}_ort.onnx",
+    }
     float_onnx(model, x[:1], paths["float"])
     export(qmodel, x[:1], paths["ours"])
+    export(qout, x[:1], paths["ours+out"])
     ort_static(paths["float"], calib, paths["ort"])
     sessions = {k: ort_session(p) for k, p in paths.items()}
 
@@ -192,10 +209,13 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
     inductor_config.freezing = True  # all three compiled the same way: freezing, one static graph per shape
     torch_float = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
     torch_int8 = torch.compile(export_torch(qmodel, x[:2]).module(), dynamic=False)
+    torch_int8_out = torch.compile(export_torch(qout, x[:2]).module(), dynamic=False)
     torchao_int8 = torchao_pt2e(model, calib, x[:2])
     with torch.no_grad():
         results["torch float"] = quality(torch_float(x))
         results["torch int8"] = quality(torch_int8(x))
+        results["torch int8, outputs quantized"] = quality(torch_int8_out(x))
+        results["fake-quant, outputs quantized"] = quality(ref_qout)
         results["torchao pt2e"] = quality(torchao_int8(x))
         results["fake-quant"] = quality(ref_q)
         results["float"] = quality(ref_float)
@@ -209,6 +229,7 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
                 {
                     "ort float": lambda: ort_run("float", inp),
                     "ort ours": lambda: ort_run("ours", inp),
+                    "ort ours+out": lambda: ort_run("ours+out", inp),
                     "ort static": lambda: ort_run("ort", inp),
                 },
                 baseline="ort float",
@@ -218,6 +239,7 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
                 {
                     "torch float": lambda: torch_float(inp),
                     "torch int8": lambda: torch_int8(inp),
+                    "torch int8+out": lambda: torch_int8_out(inp),
                     "torchao": lambda: torchao_int8(inp),
                 },
                 baseline="torch float",
@@ -225,8 +247,9 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
             )
         fmt = "{:.2f} ({:.2f}-{:.2f})".format
         rows.append(
-            f"| {name} | {batch} | {fmt(*ratios['ort ours'])} | {fmt(*ratios['ort static'])} "
-            f"| {fmt(*tratios['torch int8'])} | {fmt(*tratios['torchao'])} |"
+            f"| {name} | {batch} | {fmt(*ratios['ort ours'])} | {fmt(*ratios['ort ours+out'])} "
+            f"| {fmt(*ratios['ort static'])} | {fmt(*tratios['torch int8'])} | {fmt(*tratios['torch int8+out'])} "
+            f"| {fmt(*tratios['torchao'])} |"
         )
     if name == "minilm":  # weight-only int4 blocks (RTN W4 g128): onnxruntime's 4-bit matmul path
         w4 = quantize(model, calib, "rtn_w4g128")
@@ -239,10 +262,11 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
             r = interleaved_ratios(
                 {"f": lambda: ort_run("float", inp), "w4": lambda: ort_run("w4", inp)}, "f", rounds=rounds
             )["w4"]
-            rows.append(f"| minilm W4g128 weight-only (ORT) | {batch} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | | | |")
+            rows.append(f"| minilm W4g128 weight-only (ORT) | {batch} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | | | | | |")
         rows.append(f"<!-- minilm int4 ONNX file {sizes['w4']:.0f} KB -->")
     info = (
-        f"{name}: file KB float ONNX {sizes['float']:.0f}, ours int8 ONNX {sizes['ours']:.0f}, ORT static "
+        f"{name}: file KB float ONNX {sizes['float']:.0f}, ours int8 ONNX {sizes['ours']:.0f} "
+        f"(outputs quantized {sizes['ours+out']:.0f}), ORT static "
         f"{sizes['ort']:.0f}, ours .pt2 {pt2.stat().st_size / 1024:.0f} (float state dict {state_kb:.0f}); "
         + ", ".join(f"{k}: {v}" for k, v in results.items())
     )
@@ -266,9 +290,10 @@ def main() -> None:
         f"onnxruntime {onnxruntime.__version__}; latency ratio int8/float, median (min-max) over {args.rounds} rounds\n"
     )
     table = [
-        "| model | batch | ORT: ours QDQ / ORT float | ORT: quantize_static / ORT float "
-        "| torch: ours int8 / float (compiled) | torch: torchao pt2e / float (compiled) |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | ORT: ours QDQ / ORT float | ORT: ours, outputs quantized | ORT: quantize_static / ORT float "
+        "| torch: ours int8 / float (compiled) | torch: ours, outputs quantized | torch: torchao pt2e / float "
+        "(compiled) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     with tempfile.TemporaryDirectory() as tmp:

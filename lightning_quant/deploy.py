@@ -18,6 +18,7 @@ the layer. Example::
 
 from __future__ import annotations
 
+import ast
 import copy
 import warnings
 from dataclasses import dataclass
@@ -113,6 +114,30 @@ def _narrow(x: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
     return torch.clamp(x, lo, hi)
 
 
+def _activation_grid(q: Optional[Quantizer], name: str) -> Optional[AffineGrid]:
+    """The 8-bit grid of an enabled activation quantizer, a signed one shifted to start at 0 (x86 int8 kernels
+    take uint8 activations; the codes are the same), or None."""
+    if q is None or not q.fake_quant_enabled:
+        return None
+    grid = affine_grid(q, name)
+    grid.check_8bit(name)
+    if grid.dtype == torch.int8:
+        shift = -grid.qmin
+        grid = AffineGrid(grid.scale, grid.zero_point + shift, 0, grid.qmax + shift, None)
+    return grid
+
+
+def _quantize_dequantize(x: torch.Tensor, grid: Optional[AffineGrid]) -> torch.Tensor:
+    """``x`` on ``grid`` as a QuantizeLinear/DequantizeLinear pair (identity without a grid)."""
+    if grid is None:
+        return x
+    ops = torch.ops.quantized_decomposed
+    lo, hi = _full_range(grid)
+    s, zp = float(grid.scale), int(grid.zero_point)
+    q = ops.quantize_per_tensor(_narrow(x, grid), s, zp, lo, hi, grid.dtype)
+    return ops.dequantize_per_tensor(q, s, zp, lo, hi, grid.dtype)
+
+
 def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight exactly as the quantized model uses it (on its grid) and the bias, BatchNorm folded in."""
     with torch.no_grad():
@@ -146,14 +171,8 @@ class DeployLayer(nn.Module):
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
             self.conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.weight.dim() - 2]
         weight, bias = _deploy_weight_bias(layer)
-        self.input_grid: Optional[AffineGrid] = None
-        if layer.input_quantizer is not None and layer.input_quantizer.fake_quant_enabled:
-            grid = affine_grid(layer.input_quantizer, f"{name}.input_quantizer")
-            grid.check_8bit(f"{name}.input_quantizer")
-            if grid.dtype == torch.int8:  # the same codes shifted to start at 0: x86 int8 kernels take uint8 inputs
-                shift = -grid.qmin
-                grid = AffineGrid(grid.scale, grid.zero_point + shift, 0, grid.qmax + shift, None)
-            self.input_grid = grid
+        self.input_grid = _activation_grid(layer.input_quantizer, f"{name}.input_quantizer")
+        self.output_grid = _activation_grid(layer._modules.get("output_quantizer"), f"{name}.output_quantizer")
         self.weight_grid: Optional[AffineGrid] = None
         self.blocks: Optional[BlockGrid] = None
         wq = layer.weight_quantizer
@@ -178,14 +197,7 @@ class DeployLayer(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.input_grid
-        if g is None:
-            return x
-        ops = torch.ops.quantized_decomposed
-        lo, hi = _full_range(g)
-        s, zp = float(g.scale), int(g.zero_point)
-        q = ops.quantize_per_tensor(_narrow(x, g), s, zp, lo, hi, g.dtype)
-        return ops.dequantize_per_tensor(q, s, zp, lo, hi, g.dtype)
+        return _quantize_dequantize(x, self.input_grid)
 
     def _weight(self) -> torch.Tensor:
         g = self.weight_grid
@@ -201,11 +213,12 @@ class DeployLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None:  # x @ Wᵀ with Wᵀ a constant: exported as MatMul on a blocked DequantizeLinear
             y = torch.matmul(self._input(x), self.weight_blocked_t)
-            return y + self.bias if self.bias is not None else y
-        x, w = self._input(x), self._weight()
-        if self.kind == "linear":
-            return F.linear(x, w, self.bias)
-        return self.conv_fn(x, w, self.bias, *self.conv_args)
+            y = y + self.bias if self.bias is not None else y
+        elif self.kind == "linear":
+            y = F.linear(self._input(x), self._weight(), self.bias)
+        else:
+            y = self.conv_fn(self._input(x), self._weight(), self.bias, *self.conv_args)
+        return _quantize_dequantize(y, self.output_grid)
 
 
 @dataclass
@@ -320,6 +333,32 @@ def _propagate_qdq(proto: Any) -> int:
     return added
 
 
+def _float_output_layers(proto: Any) -> list[str]:
+    """Module names of Conv/Gemm nodes with a quantized input whose output reaches no QuantizeLinear."""
+    graph = proto.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    names = []
+    for node in graph.node:
+        source = producer.get(node.input[0]) if node.input else None
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or source is None or source.op_type != "DequantizeLinear":
+            continue
+        users = consumers.get(node.output[0], [])
+        if node.output[0] in outputs or (users and all(u.op_type == "QuantizeLinear" for u in users)):
+            continue  # the model's own output (a classifier head) is float by design
+        scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "[]")
+        try:
+            parts = [str(x) for x in ast.literal_eval(scopes)][1:-1]  # cumulative: the last is the full path
+        except (ValueError, SyntaxError):
+            parts = []
+        names.append(parts[-1] if parts else node.name)
+    return names
+
+
 def _codes(w: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
     shape = [1] * w.dim()
     if grid.axis is not None:
@@ -404,6 +443,16 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
     proto = program.model_proto
     _blocked_initializers(proto, blocks)  # type: ignore[arg-type]
     _propagate_qdq(proto)
+    float_outputs = _float_output_layers(proto)
+    if float_outputs:
+        warnings.warn(
+            f"{len(float_outputs)} quantized layers keep a float output in the ONNX graph (first: "
+            f"'{float_outputs[0]}'): their output reaches an unfolded BatchNorm, a residual addition, pooling or the "
+            "model output before any input quantizer, so onnxruntime cannot fuse them into integer kernels and "
+            "runs them in float. Fold BatchNorm (layers.fold_bn=true) and quantize the other outputs too "
+            f"(layers.quantize_outputs=[name globs]), e.g. {float_outputs[:3]}.",
+            stacklevel=2,
+        )
     for node in proto.graph.node:  # drop per-node debug records (source stack traces): most of a small file
         del node.metadata_props[:]
         node.doc_string = ""

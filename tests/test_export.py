@@ -22,7 +22,7 @@ from lightning_quant import (
 from lightning_quant.algorithms import calibrate, finalize, set_quant_state
 from lightning_quant.cli import main as cli_main
 from lightning_quant.deploy import PackedBinaryLayer, compile_int8, export_torch, int8_saturation_risk
-from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
+from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
 from lightning_quant.nn import quantize_model, quantized_layers
 from lightning_quant.quantizers import QuantizerConfig
 
@@ -210,9 +210,10 @@ def test_seven_bit_weights_stay_exact_in_int8_kernels(float_model, test_set, tmp
     _trainer([PostTrainingQuantization("minmax_w7a8", overrides=QUICK, num_samples=256)]).validate(
         model, datamodule=DigitsDataModule(), verbose=False
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no saturation warning for 7-bit weights
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         path = export(model, x[:1], tmp_path / "w7a8.onnx")
+    assert not [w for w in caught if "VNNI" in str(w.message)]  # no saturation warning for 7-bit weights
     ref, got, agree = _check_parity(model, path, x)
     _assert_close(got, ref, agree)
     eight = copy.deepcopy(float_model)
@@ -222,3 +223,42 @@ def test_seven_bit_weights_stay_exact_in_int8_kernels(float_model, test_set, tmp
     if int8_saturation_risk():
         with pytest.warns(UserWarning, match="VNNI"):
             export(eight, x[:1], tmp_path / "w8a8.onnx")
+
+
+def test_output_quantizers_let_onnxruntime_run_every_conv_as_integer(tmp_path):
+    """Convs feeding a residual addition keep float outputs unless their outputs are quantized too; export
+    names them, and with ``layers.quantize_outputs`` onnxruntime fuses every conv into ``QLinearConv``."""
+    x = torch.randn(16, 3, 32, 32)
+    outputs = "layers.quantize_outputs=['conv1','*.conv2','*.shortcut.0']"
+    fused = {}
+    for label, extra in (("inputs only", []), ("outputs too", [outputs])):
+        torch.manual_seed(0)
+        model = resnet20().eval()
+        recipe = load_recipe(
+            "minmax_w7a8", ["layers.first_layer=same", "layers.last_layer=same", "layers.fold_bn=true", *extra]
+        )
+        quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
+        calibrate(model, [x], lambda b, m=model: m(b))
+        finalize(model)
+        set_quant_state(model, weights=True, activations=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = export(model, x[:1], tmp_path / f"{label}.onnx")
+        named = [str(w.message) for w in caught if "keep a float output" in str(w.message)]
+        if label == "inputs only":
+            assert named and "'conv1'" in named[0] and "layers.0.conv2" in named[0]
+        else:
+            assert not named
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{label}.optimized.onnx")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        graph = onnx.load(options.optimized_model_filepath).graph
+        fused[label] = sum(n.op_type == "QLinearConv" for n in graph.node)
+        with torch.no_grad():
+            ref = model(x)
+        # the same grids; where float summation order moves a value across a rounding boundary, one code flips
+        assert torch.equal(got.argmax(1), ref.argmax(1))
+        assert (got - ref).abs().max() < 0.01 * ref.abs().max()
+    convs = sum(isinstance(m, nn.Conv2d) for m in resnet20().modules())
+    assert fused["outputs too"] == convs > fused["inputs only"]

@@ -159,6 +159,24 @@ def test_dequantize_roundtrip():
     assert set(net.state_dict()) == set(ref)
 
 
+def test_output_quantizers_on_the_layers_named():
+    net = small_net().eval()
+    keys = set(net.state_dict())
+    observer4 = QuantizerConfig(method="observer", bits=4)
+    sel = LayerSelection(first_layer="same", last_layer="same", quantize_outputs=["3"])
+    report = quantize_model(net, observer4, observer4, sel)
+    assert "output_quantizer" in net[3]._modules and "output_quantizer" not in net[0]._modules
+    assert [r.reason for r in report.layers if r.name == "3"] == ["output quantized"]
+    x = torch.randn(8, 1, 8, 8)
+    net(x)  # the first batch sets the ranges
+    out = net[3](net[2](net[1](net[0](x))))
+    assert len(torch.unique(out)) <= 16  # on a 4-bit grid
+    assert len(torch.unique(net[0](x))) > 16  # not quantized
+    assert any(k.startswith("3.output_quantizer.") for k in net.state_dict())
+    dequantize_model(net)
+    assert set(net.state_dict()) == keys
+
+
 def test_second_call_keeps_existing_quantizers():
     net = small_net()
     quantize_model(net, W4, A4)

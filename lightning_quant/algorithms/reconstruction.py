@@ -80,8 +80,8 @@ def set_quant_state(model: nn.Module, weights: bool, activations: bool) -> None:
     for _, layer in quantized_layers(model):
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.fake_quant_enabled = weights
-        if layer.input_quantizer is not None:
-            layer.input_quantizer.fake_quant_enabled = activations
+        for q in layer.activation_quantizers():
+            q.fake_quant_enabled = activations
 
 
 @contextlib.contextmanager

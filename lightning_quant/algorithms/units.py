@@ -49,8 +49,8 @@ class Unit:
         ]
 
     def activation_quantizers(self) -> list[Quantizer]:
-        """Input quantizers of the unit's layers."""
-        return [layer.input_quantizer for layer in self.layers() if layer.input_quantizer is not None]
+        """Input (and output) quantizers of the unit's layers."""
+        return [q for layer in self.layers() for q in layer.activation_quantizers()]
 
 
 def _holds_quantized(module: nn.Module) -> bool:

@@ -117,6 +117,7 @@ class PostTrainingQuantization(RecipeCallback):
         self.curves: dict[str, list[float]] = {}
         self._compare_handle: Any = None
         self._agreement: list[tuple[float, float]] = []
+        self.last_comparison: dict[str, float] = {}  # output SQNR and top-1 agreement of the last evaluation
 
     def check_recipe(self, recipe: Recipe) -> None:
         super().check_recipe(recipe)

@@ -147,7 +147,7 @@ class QuantizationAwareTraining(RecipeCallback):
         fresh = [
             name
             for name, layer in quantized_layers(pl_module)
-            for q in (layer.weight_quantizer, layer.input_quantizer)
+            for q in (layer.weight_quantizer, *layer.activation_quantizers())
             if q is not None and not q._initialized
         ]
         if fresh:

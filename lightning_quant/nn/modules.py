@@ -39,6 +39,16 @@ class QuantizedLayer(nn.Module):
         """The input as the quantized model sees it."""
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
+    def quantized_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The output, fake-quantized if the layer has an output quantizer (recipe key ``layers.quantize_outputs``)."""
+        q = self._modules.get("output_quantizer")
+        return q(y) if q is not None else y
+
+    def activation_quantizers(self) -> list[Quantizer]:
+        """The input quantizer and the output quantizer, where present."""
+        found = [self.input_quantizer, self._modules.get("output_quantizer")]
+        return [q for q in found if isinstance(q, Quantizer)]
+
 
 class QuantLinear(QuantizedLayer, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input."""
@@ -46,7 +56,7 @@ class QuantLinear(QuantizedLayer, nn.Linear):
     float_class = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self.quantized_output(F.linear(self.quantized_input(x), self.quantized_weight(), self.bias))
 
 
 class _QuantConvNd(QuantizedLayer):
@@ -56,8 +66,8 @@ class _QuantConvNd(QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantized_input(x)
         if self.folded_bn is None:
-            return self._conv_forward(xq, self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
-        return self._folded_forward(xq)
+            return self.quantized_output(self._conv_forward(xq, self.quantized_weight(), self.bias))  # type: ignore[attr-defined]
+        return self.quantized_output(self._folded_forward(xq))
 
     def _fold_factor(self) -> torch.Tensor:
         """Per-output-channel ``gamma / sqrt(running_var + eps)`` of the folded BatchNorm."""
@@ -144,7 +154,7 @@ class _QuantConvTransposeNd(QuantizedLayer):
             dims,
             self.dilation,  # type: ignore[attr-defined]
         )
-        return _CONV_TRANSPOSE[dims](
+        y = _CONV_TRANSPOSE[dims](
             self.quantized_input(x),
             self.quantized_weight(),
             self.bias,
@@ -154,6 +164,7 @@ class _QuantConvTransposeNd(QuantizedLayer):
             self.groups,  # type: ignore[attr-defined]
             self.dilation,  # type: ignore[attr-defined]
         )
+        return self.quantized_output(y)
 
 
 class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
@@ -181,7 +192,7 @@ class QuantEmbedding(QuantizedLayer, nn.Embedding):
     has_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.embedding(
+        y = F.embedding(
             x,
             self.quantized_weight(),
             self.padding_idx,
@@ -190,6 +201,7 @@ class QuantEmbedding(QuantizedLayer, nn.Embedding):
             self.scale_grad_by_freq,
             self.sparse,
         )
+        return self.quantized_output(y)
 
 
 class FoldedBatchNorm(nn.Module):

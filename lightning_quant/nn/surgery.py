@@ -66,6 +66,9 @@ class LayerSelection:
     last_layer: str = "8bit"  # float, 8bit or same: the last selected layer
     overrides: list[LayerOverride] = field(default_factory=list)
     fold_bn: bool = False  # fold a BatchNorm declared right after a conv into that conv
+    # name globs of layers whose output is fake-quantized too (activation settings), e.g. convs feeding a
+    # residual addition, so exported graphs run them as integer kernels end to end
+    quantize_outputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -229,9 +232,11 @@ def quantize_model(
         if skipped:
             report.layers.append(LayerReport(name, type(module).__name__, "float", reason=reason))
             continue
-        _convert(module, wcfg, acfg, fold.get(module))
+        output = acfg is not None and _matches(name, layers.quantize_outputs)
+        _convert(module, wcfg, acfg, fold.get(module), output)
         row = _existing_row(name, module)  # type: ignore[arg-type]
-        row.reason = ", ".join(x for x in (reason, "BN folded" if module in fold else "") if x)
+        notes = (reason, "BN folded" if module in fold else "", "output quantized" if output else "")
+        row.reason = ", ".join(x for x in notes if x)
         report.layers.append(row)
     return report
 
@@ -255,6 +260,7 @@ def _convert(
     wcfg: Optional[QuantizerConfig],
     acfg: Optional[QuantizerConfig],
     bn: Optional[nn.modules.batchnorm._BatchNorm] = None,
+    output: bool = False,
 ) -> None:
     qcls = quantized_class(type(module))
     assert qcls is not None
@@ -275,11 +281,14 @@ def _convert(
             channels = getattr(module, "in_channels", getattr(module, "in_features", 1))
             groups = channels if QUANTIZERS[acfg.method].per_input_channel else 1  # e.g. ReActNet's RSign shifts
             aq = build_quantizer(acfg, "activation", groups).to(weight.device)
+        oq = build_quantizer(acfg, "activation", 1).to(weight.device) if output and acfg is not None else None
     except Exception:
         swap_class(module, float_cls)
         raise
     module.weight_quantizer = wq
     module.input_quantizer = aq
+    if oq is not None:
+        module.output_quantizer = oq
     if bn is not None:
         swap_class(bn, FOLDED_BN_CLASSES[type(bn)])
         object.__setattr__(module, "folded_bn", bn)  # a reference, not a child: the state dict keeps its keys
@@ -291,6 +300,8 @@ def dequantize_model(model: nn.Module) -> None:
         if isinstance(module, QuantizedLayer):
             del module.weight_quantizer
             del module.input_quantizer
+            if "output_quantizer" in module._modules:
+                del module.output_quantizer
             if isinstance(module, _QuantConvNd) and "folded_bn" in module.__dict__:
                 del module.__dict__["folded_bn"]
             swap_class(module, type(module).float_class)

@@ -32,4 +32,4 @@ class QuantTransformersConv1D(QuantizedLayer, Conv1D):
         return self.weight.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self.quantized_output(F.linear(self.quantized_input(x), self.quantized_weight(), self.bias))
