@@ -33,6 +33,7 @@ from common import header, quiet_trainer  # noqa: E402
 METHODS = {
     "min-max (nearest)": ("mse_w4a8", ["weights.observer=minmax", "activations.observer=minmax"]),
     "MSE (nearest)": ("mse_w4a8", []),
+    "MSE, symmetric weights (nearest)": ("mse_w4a8", ["weights.symmetric=true"]),
     "AdaRound": ("adaround_w4a8", []),
     "BRECQ": ("brecq_w4a4", []),
     "QDrop": ("qdrop_w4a4", []),

@@ -17,6 +17,7 @@ from lightning_quant.algorithms.capture import stored
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
 from lightning_quant.nn import LayerSelection
 from lightning_quant.quantizers import ObserverQuantizer, QuantizerConfig
+from lightning_quant.quantizers.functional import qparams_from_range
 from lightning_quant.quantizers.observers import HistogramObserver, MSEObserver, kl_divergences
 from lightning_quant.recipes import RecipeError
 
@@ -94,6 +95,25 @@ def test_deferred_mse_search_matches_a_direct_search_on_the_same_data():
     torch.testing.assert_close(deferred.min_val, lo)
     torch.testing.assert_close(deferred.max_val, hi)
     assert float(hi) < float(torch.cat(data, dim=1).max())  # a 4-bit MSE clip is tighter than the max
+
+
+def test_symmetric_mse_search_minimises_the_error_of_the_symmetric_grid():
+    """The search must score the grid the quantizer will use: for a symmetric quantizer, the symmetric one."""
+    torch.manual_seed(0)
+    rows = torch.cat([torch.randn(1, 4000) * 0.3 + 0.5, torch.randn(1, 4000)], dim=0)  # skewed and centred rows
+    q = ObserverQuantizer(QuantizerConfig(bits=2, observer="mse", symmetric=True), "weight", 2)
+    q.granularity, q.axis = "per_channel", 0
+    lo, hi = q.observer.batch_range(rows)
+    scale, zp = qparams_from_range(lo, hi, q.qmin, q.qmax, symmetric=True)
+
+    def error(scale):
+        codes = torch.clamp(torch.round(rows / scale[:, None]), q.qmin, q.qmax)
+        return (codes * scale[:, None] - rows).abs().pow(2.4).mean(dim=1)
+
+    found = error(scale)
+    top = rows.abs().amax(dim=1)
+    for ratio in torch.linspace(0.01, 1, 100):  # every symmetric clip the search could have chosen
+        assert (found <= error(top * ratio / 1.5) + 1e-6).all()
 
 
 def test_calibration_uses_float_activations_and_observes_weights_once():

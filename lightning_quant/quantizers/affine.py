@@ -37,6 +37,7 @@ class ObserverQuantizer(Quantizer):
             signed=True if cfg.signed is None else cfg.signed,
             momentum=cfg.momentum,
             percentile=cfg.percentile,
+            symmetric=cfg.symmetric,
         )
         self.symmetric = cfg.symmetric
         self.register_buffer("scale", torch.ones(num_groups))

@@ -145,14 +145,22 @@ class MSEObserver(Observer):
     """Shrinks the min-max range to the clip that minimises the L_p quantization error (grid search).
 
     As in QDrop's calibration: ``candidates`` evenly spaced clip ratios in ``(0, 1]`` with ``p = 2.4``.
-    The search assumes the bit width and sign of the quantizer that owns the observer.
+    The search uses the bit width, sign and symmetry of the quantizer that owns the observer, so the error it
+    minimises is that of the grid the quantizer will use.
     """
 
     def __init__(
-        self, num_groups: int = 1, bits: int = 8, signed: bool = True, p: float = 2.4, candidates: int = 100
+        self,
+        num_groups: int = 1,
+        bits: int = 8,
+        signed: bool = True,
+        p: float = 2.4,
+        candidates: int = 100,
+        symmetric: bool = False,
     ) -> None:
         super().__init__(num_groups)
         self.bits, self.signed, self.p, self.candidates = bits, signed, p, candidates
+        self.symmetric = symmetric
         self.deferred = False  # calibration: keep a sample of every batch, search once in finalize()
         self._kept: list[torch.Tensor] = []
 
@@ -210,7 +218,7 @@ class MSEObserver(Observer):
         for i in range(1, self.candidates + 1):
             ratio = i / self.candidates
             lo, hi = lo0 * ratio, hi0 * ratio
-            scale, zp = qparams_from_range(lo, hi, qmin, qmax, symmetric=False)
+            scale, zp = qparams_from_range(lo, hi, qmin, qmax, symmetric=self.symmetric)
             scale, zp = scale[:, None], zp[:, None].float()
             q = (torch.clamp(torch.round(rows / scale) + zp, qmin, qmax) - zp) * scale
             err = (q - rows).abs().pow(self.p).mean(dim=1)
@@ -373,6 +381,7 @@ def build_observer(
     signed: bool = True,
     momentum: float = 0.01,
     percentile: float = 99.99,
+    symmetric: bool = False,
 ) -> Observer:
     """Create the observer registered under ``name`` with the options that apply to it."""
     if name not in _OBSERVERS:
@@ -382,7 +391,7 @@ def build_observer(
     if name == "percentile":
         return PercentileObserver(num_groups, percentile=percentile)
     if name == "mse":
-        return MSEObserver(num_groups, bits=bits, signed=signed)
+        return MSEObserver(num_groups, bits=bits, signed=signed, symmetric=symmetric)
     if name == "kl":
         return HistogramObserver(num_groups, bits=bits, signed=signed)
     return _OBSERVERS[name](num_groups)
