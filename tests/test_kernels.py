@@ -58,3 +58,29 @@ def test_lsq_kernel_matches_eager_lsq(big, granularity):
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("granularity", "axis", "n"), [("per_tensor", 0, 1), ("per_channel", 1, 16)])
+def test_compiled_fake_quantize_matches_torch_in_values_and_gradients(big, granularity, axis, n):
+    """Under torch.compile the straight-through mask is recomputed in the backward (not saved): same results."""
+    scale = torch.linspace(0.01, 0.05, n)
+    zero_point = torch.arange(n, dtype=torch.int32) % 5 - 2
+    weights = torch.linspace(-1, 1, big.numel()).reshape(big.shape)
+
+    def fq(x):
+        return fake_quantize(x, scale, zero_point, -8, 7, granularity, axis)
+
+    results = []
+    for fn in (torch.compile(fq, backend="inductor", fullgraph=True), fq):
+        kernels.set_enabled(False)  # the eager reference: torch's own fused fake-quant kernels
+        try:
+            big.grad = None
+            y = fn(big)
+            (y * weights).sum().backward()
+            results.append((y.detach(), big.grad.clone()))
+        finally:
+            kernels.set_enabled(True)
+    (y1, g1), (y0, g0) = results
+    assert torch.equal(y1, y0)
+    assert torch.equal(g1, g0)
+    assert 0 < (g1 == 0).float().mean() < 1
