@@ -138,6 +138,21 @@ def _quantize_dequantize(x: torch.Tensor, grid: Optional[AffineGrid]) -> torch.T
     return ops.dequantize_per_tensor(q, s, zp, lo, hi, grid.dtype)
 
 
+def _layer_call(layer: QuantizedLayer, name: str) -> tuple[str, Any, tuple[Any, ...]]:
+    """How an exported layer computes: ``("linear", None, ())`` or ``("conv", conv function, its arguments)``.
+
+    Raises for layers the exported forms cannot reproduce (transposed convs, non-zero padding modes).
+    """
+    if is_linear(layer):
+        return "linear", None, ()
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise ExportError(f"'{name}': {type(layer).__name__} layers are not exportable (Linear and Conv1d/2d/3d are)")
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        raise ExportError(f"'{name}': padding_mode={layer.padding_mode!r}/padding={layer.padding!r} not exported")
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.weight.dim() - 2]
+    return "conv", conv, (layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
 def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight exactly as the quantized model uses it (on its grid) and the bias, BatchNorm folded in."""
     with torch.no_grad():
@@ -157,19 +172,7 @@ class DeployLayer(nn.Module):
 
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__()
-        if not (is_linear(layer) or isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
-            raise ExportError(
-                f"'{name}': {type(layer).__name__} layers are not exportable (Linear and Conv1d/2d/3d are)"
-            )
-        self.kind = "linear" if is_linear(layer) else "conv"
-        self.conv_args: tuple[Any, ...] = ()
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                raise ExportError(
-                    f"'{name}': padding_mode={layer.padding_mode!r}/padding={layer.padding!r} not exported"
-                )
-            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-            self.conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.weight.dim() - 2]
+        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)
         weight, bias = _deploy_weight_bias(layer)
         self.input_grid = _activation_grid(layer.input_quantizer, f"{name}.input_quantizer")
         self.output_grid = _activation_grid(layer._modules.get("output_quantizer"), f"{name}.output_quantizer")
@@ -292,6 +295,16 @@ def _blocked_initializers(proto: Any, blocks: dict[str, BlockGrid]) -> None:
 _PASS_THROUGH = ("Relu", "Clip", "MaxPool", "Flatten", "Reshape")
 
 
+def _graph_links(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """For an ONNX graph: the node producing each tensor, and the nodes consuming it."""
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def _propagate_qdq(proto: Any) -> int:
     """Copy each activation QuantizeLinear back through Relu/Clip/MaxPool/Flatten/Reshape onto the Conv/Gemm output.
 
@@ -303,11 +316,7 @@ def _propagate_qdq(proto: Any) -> int:
     from onnx import helper
 
     graph = proto.graph
-    producer = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _graph_links(graph)
     added = 0
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         tensor = q.input[0]
@@ -336,11 +345,7 @@ def _propagate_qdq(proto: Any) -> int:
 def _float_output_layers(proto: Any) -> list[str]:
     """Module names of Conv/Gemm nodes with a quantized input whose output reaches no QuantizeLinear."""
     graph = proto.graph
-    producer = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _graph_links(graph)
     outputs = {o.name for o in graph.output}
     names = []
     for node in graph.node:
@@ -508,12 +513,9 @@ class PackedBinaryLayer(nn.Module):
         self.register_buffer("alpha", alpha.float())
         self.register_buffer("bias", bias)
         self.shape = tuple(w.shape)
-        self.kind = "linear" if is_linear(layer) else "conv"
-        self.conv_args: tuple[Any, ...] = ()
-        if self.kind == "conv":
-            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)  # type: ignore[attr-defined]
-            self.conv_fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
+        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)
         self.input_quantizer = layer.input_quantizer
+        self.output_quantizer = layer._modules.get("output_quantizer")
         self._weight: Optional[torch.Tensor] = None
 
     def signs(self) -> torch.Tensor:
@@ -531,8 +533,10 @@ class PackedBinaryLayer(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if self.kind == "linear":
-            return F.linear(x, self._weight, self.bias)
-        return self.conv_fn(x, self._weight, self.bias, *self.conv_args)
+            y = F.linear(x, self._weight, self.bias)
+        else:
+            y = self.conv_fn(x, self._weight, self.bias, *self.conv_args)
+        return self.output_quantizer(y) if self.output_quantizer is not None else y
 
 
 def pack_binary(model: nn.Module) -> nn.Module:
