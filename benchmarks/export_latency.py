@@ -40,10 +40,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import header, interleaved_ratios, quiet_trainer  # noqa: E402
 
 RECIPE = ["layers.fold_bn=true", "layers.first_layer=same", "layers.last_layer=same", "diagnostics.summary=false"]
-# layers whose outputs feed a residual addition, pooling or a GELU: the ones `export` names in its warning
+# outputs feeding a residual addition, pooling or a GELU (the layers `export` names in its warning), and
+# for ResNet-20 each block's output (its residual sum after ReLU)
 OUTPUTS = {
     "digits": ["net.features.7"],
-    "resnet20": ["net.conv1", "*.conv2", "*.shortcut.0"],
+    "resnet20": ["net.conv1", "*.conv2", "*.shortcut.0", "net.layers.[0-8]"],  # convs, then residual sums
     "minilm": [f"net.{3 * i}" for i in range(6)],
 }
 

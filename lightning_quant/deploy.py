@@ -411,8 +411,21 @@ def deploy_model(model: nn.Module) -> nn.Module:
         if isinstance(module, FoldedBatchNorm):
             _replace(deployed, name, nn.Identity())  # its affine moved into the conv's bias
         elif isinstance(module, Quantizer):
-            raise ExportError(f"'{name}': {type(module).__name__} outside a Linear/Conv layer cannot be exported")
+            if module.role != "activation" or not name.endswith("output_quantizer"):
+                raise ExportError(f"'{name}': {type(module).__name__} outside a Linear/Conv layer cannot be exported")
+            _replace(deployed, name, QuantDequant(_activation_grid(module, name)))  # a block's output quantizer
     return deployed
+
+
+class QuantDequant(nn.Module):
+    """A module's output quantizer in exported form: a QuantizeLinear/DequantizeLinear pair (identity if off)."""
+
+    def __init__(self, grid: Optional[AffineGrid]) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _quantize_dequantize(x, self.grid)
 
 
 # -- ONNX ---------------------------------------------------------------------------------------------------

@@ -230,8 +230,9 @@ def test_output_quantizers_let_onnxruntime_run_every_conv_as_integer(tmp_path):
     names them, and with ``layers.quantize_outputs`` onnxruntime fuses every conv into ``QLinearConv``."""
     x = torch.randn(16, 3, 32, 32)
     outputs = "layers.quantize_outputs=['conv1','*.conv2','*.shortcut.0']"
-    fused = {}
-    for label, extra in (("inputs only", []), ("outputs too", [outputs])):
+    blocks = "layers.quantize_outputs=['conv1','*.conv2','*.shortcut.0','layers.[0-8]']"  # residual sums too
+    fused, adds = {}, {}
+    for label, extra in (("inputs only", []), ("outputs too", [outputs]), ("blocks too", [blocks])):
         torch.manual_seed(0)
         model = resnet20().eval()
         recipe = load_recipe(
@@ -249,16 +250,20 @@ def test_output_quantizers_let_onnxruntime_run_every_conv_as_integer(tmp_path):
             assert named and "'conv1'" in named[0] and "layers.0.conv2" in named[0]
         else:
             assert not named
+        if label == "blocks too":
+            assert "output_quantizer" in model.layers[0]._modules  # a block, not a layer: applied by a hook
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"{label}.optimized.onnx")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         graph = onnx.load(options.optimized_model_filepath).graph
         fused[label] = sum(n.op_type == "QLinearConv" for n in graph.node)
+        adds[label] = sum(n.op_type == "QLinearAdd" for n in graph.node)
         with torch.no_grad():
             ref = model(x)
         # the same grids; where float summation order moves a value across a rounding boundary, one code flips
         assert torch.equal(got.argmax(1), ref.argmax(1))
         assert (got - ref).abs().max() < 0.01 * ref.abs().max()
     convs = sum(isinstance(m, nn.Conv2d) for m in resnet20().modules())
-    assert fused["outputs too"] == convs > fused["inputs only"]
+    assert fused["outputs too"] == fused["blocks too"] == convs > fused["inputs only"]
+    assert adds["inputs only"] == adds["outputs too"] == 0 and adds["blocks too"] >= 8  # integer residual sums

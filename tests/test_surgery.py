@@ -5,6 +5,7 @@ from torch import nn
 
 from lightning_quant.nn import LayerOverride, LayerSelection, dequantize_model, quantize_model, summarize
 from lightning_quant.nn.modules import QuantConv2d, QuantizedLayer
+from lightning_quant.algorithms import set_quant_state
 from lightning_quant.quantizers import QuantizerConfig
 
 W4 = QuantizerConfig(method="lsq", bits=4)
@@ -175,6 +176,50 @@ def test_output_quantizers_on_the_layers_named():
     assert any(k.startswith("3.output_quantizer.") for k in net.state_dict())
     dequantize_model(net)
     assert set(net.state_dict()) == keys
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+def test_output_quantizers_on_blocks_that_are_not_layers():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _Block(), _Block(), nn.Flatten(), nn.Linear(256, 3)).eval()
+    keys = set(net.state_dict())
+    observer4 = QuantizerConfig(method="observer", bits=4)
+    sel = LayerSelection(first_layer="same", last_layer="same", quantize_outputs=["1", "2"])
+    report = quantize_model(net, observer4, observer4, sel)
+    assert [(r.name, r.reason) for r in report.layers if r.name in ("1", "2")] == [
+        ("1", "output quantized"),
+        ("2", "output quantized"),
+    ]
+    x = torch.randn(8, 1, 8, 8)
+    net(x)  # the first batch sets the ranges
+    block_out = net[1](net[0](x))
+    assert len(torch.unique(block_out)) <= 16  # the residual sum is on a 4-bit grid
+    assert any(k.startswith("1.output_quantizer.") for k in net.state_dict())
+    quantize_model(net, observer4, observer4, sel)  # a second call adds nothing
+    assert len(net[1]._forward_hooks) == 1
+    set_quant_state(net, weights=False, activations=False)
+    assert not net[1].output_quantizer.fake_quant_enabled
+    dequantize_model(net)
+    assert set(net.state_dict()) == keys and not net[1]._forward_hooks
+
+
+def test_output_quantizer_on_a_module_returning_a_tuple_is_a_clear_error():
+    net = nn.Sequential(nn.Linear(4, 4), _Pair())
+    quantize_model(net, W4, A4, LayerSelection(quantize_outputs=["1"]))
+    with pytest.raises(TypeError, match="matched '1', whose output is a tuple"):
+        net(torch.randn(2, 4))
 
 
 def test_second_call_keeps_existing_quantizers():

@@ -19,7 +19,6 @@ from torch import nn
 
 from lightning_quant.algorithms.capture import RunBatch, UnitSignatureError, capture
 from lightning_quant.algorithms.units import Unit, find_units
-from lightning_quant.nn import quantized_layers
 from lightning_quant.quantizers import ObserverQuantizer, Quantizer
 from lightning_quant.quantizers.adaround import AdaRound
 
@@ -76,12 +75,9 @@ def _quantizers(model: nn.Module) -> list[Quantizer]:
 
 
 def set_quant_state(model: nn.Module, weights: bool, activations: bool) -> None:
-    """Switch fake quantization of every quantized layer's weight and input."""
-    for _, layer in quantized_layers(model):
-        if layer.weight_quantizer is not None:
-            layer.weight_quantizer.fake_quant_enabled = weights
-        for q in layer.activation_quantizers():
-            q.fake_quant_enabled = activations
+    """Switch fake quantization of every weight quantizer and every activation (input or output) quantizer."""
+    for q in _quantizers(model):
+        q.fake_quant_enabled = weights if q.role == "weight" else activations
 
 
 @contextlib.contextmanager

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
+import itertools
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from lightning_quant.nn.modules import (
@@ -66,8 +69,9 @@ class LayerSelection:
     last_layer: str = "8bit"  # float, 8bit or same: the last selected layer
     overrides: list[LayerOverride] = field(default_factory=list)
     fold_bn: bool = False  # fold a BatchNorm declared right after a conv into that conv
-    # name globs of layers whose output is fake-quantized too (activation settings), e.g. convs feeding a
-    # residual addition, so exported graphs run them as integer kernels end to end
+    # name globs of modules whose output is fake-quantized too (activation settings): quantized layers, e.g.
+    # convs feeding a residual addition, or whole blocks (a residual block's sum), so that exported graphs
+    # run them as integer kernels end to end
     quantize_outputs: list[str] = field(default_factory=list)
 
 
@@ -238,7 +242,52 @@ def quantize_model(
         notes = (reason, "BN folded" if module in fold else "", "output quantized" if output else "")
         row.reason = ", ".join(x for x in notes if x)
         report.layers.append(row)
+    if activations.enabled and layers.quantize_outputs:
+        _quantize_module_outputs(model, activations, layers.quantize_outputs, report)
     return report
+
+
+_HOOK_KEY = "_lightning_quant_output_hook"  # id of the forward hook that applies a module's output quantizer
+
+
+def _output_hook(name: str, module: nn.Module, args: Any, output: Any) -> Any:
+    q = module._modules.get("output_quantizer")
+    if q is None:
+        return output
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"layers.quantize_outputs matched '{name}', whose output is a {type(output).__name__}; only modules "
+            "returning one tensor can have their output quantized"
+        )
+    return q(output)
+
+
+def _quantize_module_outputs(model: nn.Module, cfg: QuantizerConfig, patterns: list[str], report: Any) -> None:
+    """Output quantizers, applied by a forward hook, on matched modules that are not layers (e.g. residual blocks).
+
+    Quantized layers quantize their own output; layers left in float and the quantizers themselves are skipped.
+    """
+    inside: set[int] = set()
+    for raw_name, module in model.named_modules():
+        name = clean_name(raw_name)
+        if isinstance(module, (QuantizedLayer, OptionalStateModule)):
+            inside.update(id(m) for m in module.modules() if m is not module)
+        if not name or id(module) in inside or not _matches(name, patterns):
+            continue
+        if isinstance(module, (QuantizedLayer, OptionalStateModule, FoldedBatchNorm)):
+            continue
+        if quantized_class(type(module)) is not None:
+            continue  # a layer the recipe left in float keeps a float output
+        if "output_quantizer" not in module._modules:
+            anchor = next(itertools.chain(module.parameters(), module.buffers(), model.parameters()), None)
+            q = build_quantizer(cfg, "activation", 1)
+            module.output_quantizer = q.to(anchor.device) if anchor is not None else q
+        if _HOOK_KEY not in module.__dict__:
+            handle = module.register_forward_hook(functools.partial(_output_hook, name))
+            module.__dict__[_HOOK_KEY] = handle.id  # an id, not the handle: copies of the model stay independent
+        report.layers.append(
+            LayerReport(name, type(module).__name__, "quantized", None, cfg.bits, cfg.method, "output quantized")
+        )
 
 
 def _existing_row(name: str, module: QuantizedLayer) -> LayerReport:
@@ -307,6 +356,9 @@ def dequantize_model(model: nn.Module) -> None:
             swap_class(module, type(module).float_class)
         elif isinstance(module, FoldedBatchNorm):
             swap_class(module, type(module).float_class)
+        elif _HOOK_KEY in module.__dict__:
+            module._forward_hooks.pop(module.__dict__.pop(_HOOK_KEY), None)
+            module._modules.pop("output_quantizer", None)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
