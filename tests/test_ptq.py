@@ -332,6 +332,41 @@ def test_calibrated_checkpoint_reloads_with_identical_outputs(float_model, tmp_p
     assert not torch.equal(got, float_out)
 
 
+class _Residual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+def _residual_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), _Residual(8), _Residual(8), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+    )
+    return ImageClassifier(net)
+
+
+def test_block_output_quantizers_are_calibrated_and_restored_from_a_checkpoint(tmp_path):
+    outputs = ["layers.quantize_outputs=['net.1','net.2','*.conv']", *QUICK]
+    model = _residual_net()
+    cb = PostTrainingQuantization("minmax_w8a8", overrides=outputs, num_samples=128)
+    trainer = _trainer([cb])
+    trainer.validate(model, datamodule=DigitsDataModule(), verbose=False)
+    block = model.net[1].output_quantizer
+    assert bool(block.initialized) and block.fake_quant_enabled and float(block.scale) > 0
+    expected = _predict(model, [cb])
+    ckpt = tmp_path / "blocks.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cb2 = PostTrainingQuantization("minmax_w8a8", overrides=outputs, num_samples=128)
+    got = torch.cat(
+        _trainer([cb2]).predict(_residual_net(), datamodule=DigitsDataModule(shuffle=False), ckpt_path=ckpt)
+    )
+    assert torch.equal(got, expected)
+
+
 def test_fit_validates_in_float_and_quantizes_at_fit_end(tmp_path):
     pl.seed_everything(0)
     model = ImageClassifier(DigitsCNN(width=8), epochs=1)
