@@ -103,19 +103,17 @@ class _QuantConvNd(QuantizedLayer):
         """
         bn = self.folded_bn
         assert bn is not None
-        assert bn.running_var is not None
-        assert bn.running_mean is not None
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
-        factor = self._fold_factor()
-        wq = self.quantized_weight()
-        y = self._conv_forward(x, wq, None)  # type: ignore[attr-defined]
+        y = self._conv_forward(x, self.quantized_weight(), None)  # type: ignore[attr-defined]
         oshape = [1] * y.dim()
         oshape[1] = -1
-        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
         if self.training and not self.bn_frozen:
-            y = y / factor.reshape(oshape) + bias.reshape(oshape)
-            return F.batch_norm(y, bn.running_mean, bn.running_var, gamma, beta, True, bn.momentum or 0.1, bn.eps)
+            assert bn.running_mean is not None
+            bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+            y = y / self._fold_factor().reshape(oshape) + bias.reshape(oshape)
+            # F.batch_norm treats a missing affine weight/bias as 1/0, as the BatchNorm itself would
+            return F.batch_norm(
+                y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum or 0.1, bn.eps
+            )
         return y + self.folded_bias().reshape(oshape)
 
 
