@@ -1,15 +1,38 @@
-"""The compiled one-pass kernels give the same values and gradients as torch's reference fake-quant ops."""
+"""The fast eager paths (compiled one-pass kernels for large tensors, in-place ATen ops for medium and small
+ones) give the same values and gradients as torch's reference fake-quant ops."""
 
 import pytest
 import torch
 
 from lightning_quant.quantizers import LSQQuantizer, QuantizerConfig, fake_quantize, kernels
 
+SIZES = {  # one tensor shape per path
+    "generated": (8, 16, 48, 48),  # >= kernels.MIN_NUMEL: compiled one-pass kernels
+    "in-place": (8, 16, 12, 12),  # between the thresholds: in-place ATen ops (affine and LSQ)
+    "small": (8, 16, 2, 2),  # < kernels.EAGER_MIN_NUMEL: torch's kernel (affine), in-place ops (LSQ)
+}
+
+
+def _tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    torch.manual_seed(0)
+    return (torch.randn(*shape) * 2).requires_grad_()
+
+
+@pytest.fixture(params=list(SIZES.values()), ids=list(SIZES))
+def sized(request) -> torch.Tensor:
+    return _tensor(request.param)
+
 
 @pytest.fixture
 def big() -> torch.Tensor:
-    torch.manual_seed(0)
-    return (torch.randn(8, 16, 48, 48) * 2).requires_grad_()  # above kernels.MIN_NUMEL
+    return _tensor(SIZES["generated"])
+
+
+def test_sizes_reach_each_path():
+    numel = {k: torch.Size(v).numel() for k, v in SIZES.items()}
+    assert numel["generated"] >= kernels.MIN_NUMEL
+    assert kernels.EAGER_MIN_NUMEL <= numel["in-place"] < kernels.MIN_NUMEL
+    assert numel["small"] < kernels.EAGER_MIN_NUMEL
 
 
 def _run_both(fn, x):
@@ -30,17 +53,17 @@ def _run_both(fn, x):
 @pytest.mark.parametrize(
     ("granularity", "axis", "n"), [("per_tensor", 0, 1), ("per_channel", 1, 16), ("per_channel", 0, 8)]
 )
-def test_affine_kernel_matches_torch(big, granularity, axis, n):
+def test_affine_kernel_matches_torch(sized, granularity, axis, n):
     scale = torch.linspace(0.01, 0.05, n)
     zero_point = torch.arange(n, dtype=torch.int32) % 5 - 2
-    (y1, g1), (y0, g0) = _run_both(lambda x: fake_quantize(x, scale, zero_point, -8, 7, granularity, axis), big)
+    (y1, g1), (y0, g0) = _run_both(lambda x: fake_quantize(x, scale, zero_point, -8, 7, granularity, axis), sized)
     assert torch.equal(y1, y0)  # bit-identical: both compute round(x * (1/s)) + zp
     assert torch.equal(g1, g0)  # same clipping mask
     assert 0 < (g1 == 0).float().mean() < 1  # the test range clips some values, not all
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
-def test_lsq_kernel_matches_eager_lsq(big, granularity):
+def test_lsq_kernel_matches_eager_lsq(sized, granularity):
     grads = []
     outs = []
     for enabled in (True, False):
@@ -48,7 +71,7 @@ def test_lsq_kernel_matches_eager_lsq(big, granularity):
         try:
             groups = 1 if granularity == "per_tensor" else 8
             q = LSQQuantizer(QuantizerConfig(method="lsq", bits=3, granularity=granularity), "weight", groups)
-            x = big.detach().clone().requires_grad_()
+            x = sized.detach().clone().requires_grad_()
             y = q(x)
             (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
             outs.append(y.detach())

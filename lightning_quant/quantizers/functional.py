@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_quant.quantizers import kernels
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -73,13 +74,14 @@ def num_groups(
 def row_aminmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row minimum and maximum of a ``(groups, N)`` tensor, as float32 vectors of length ``groups``.
 
-    A single row uses the full reduction, which torch parallelises far better than a one-row ``dim=1``.
+    A single row uses the full reduction, which torch parallelises far better than a one-row ``dim=1``; several
+    rows use ``amin``/``amax``, which vectorise along the rows where ``aminmax(dim=1)`` does not.
     """
     rows = rows.detach().float()
     if rows.shape[0] == 1:
         lo, hi = torch.aminmax(rows)
         return lo.reshape(1), hi.reshape(1)
-    return torch.aminmax(rows, dim=1)
+    return rows.amin(dim=1), rows.amax(dim=1)  # two passes, yet ~10x faster than aminmax(dim=1) on CPU
 
 
 def qparams_from_range(
@@ -90,15 +92,15 @@ def qparams_from_range(
     The range is widened to contain zero so that zero is exactly representable (padding, ReLU outputs).
     Symmetric signed codes get a zero point of 0; symmetric unsigned codes (``qmin == 0``) cover ``[0, max]``.
     """
+    eps = _FLOAT32_EPS
+    if symmetric:  # (fewer ops than widening first: this runs on every QAT step)
+        if qmin < 0:  # max(|lo|, |hi|) of the zero-widened range is max(-lo, hi) whenever lo <= hi
+            scale = torch.maximum(-min_val.float(), max_val.float()).div_((qmax - qmin) / 2)
+        else:
+            scale = max_val.float().clamp(min=0.0).div_(qmax)
+        return scale.clamp_min_(eps), torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
     lo = min_val.float().clamp(max=0.0)
     hi = max_val.float().clamp(min=0.0)
-    eps = torch.finfo(torch.float32).eps
-    if symmetric:
-        if qmin < 0:
-            scale = torch.maximum(-lo, hi).div_((qmax - qmin) / 2)
-        else:
-            scale = hi / qmax
-        return scale.clamp_min_(eps), torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
     scale = ((hi - lo) / (qmax - qmin)).clamp_min_(eps)
     zero_point = (qmin - torch.round(lo / scale)).clamp_(qmin, qmax).to(torch.int32)
     return scale, zero_point
@@ -137,7 +139,7 @@ def fake_quantize(
                 use_reentrant=False,
             )
         return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, granularity, axis, group_size)
-    fused = kernels.applies(x)
+    fused = kernels.applies(x) and x.numel() >= kernels.EAGER_MIN_NUMEL
     if granularity == "per_tensor":
         if fused:
             return kernels.affine_fake_quant(x, scale, zero_point, qmin, qmax, None)

@@ -56,6 +56,13 @@ class Observer(OptionalStateModule):
     def _after_load(self) -> None:
         self._has_range = bool(self.count > 0)
 
+    def _counted(self) -> None:
+        """One more tensor observed. In place, and ``_has_range`` set once: ``Module.__setattr__`` costs more than
+        the observation itself on small tensors."""
+        self.count.add_(1)
+        if not self._has_range:
+            self._has_range = True
+
     def finalize(self) -> None:
         """Turn accumulated statistics into the final range (end of calibration; most observers: nothing)."""
 
@@ -67,8 +74,7 @@ class Observer(OptionalStateModule):
     def forward(self, rows: torch.Tensor) -> None:
         lo, hi = self.batch_range(rows)
         self.combine(lo, hi)
-        self.count += 1
-        self._has_range = True
+        self._counted()
 
     @torch.no_grad()
     def reset_to(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -76,7 +82,8 @@ class Observer(OptionalStateModule):
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
         self.count.fill_(1)
-        self._has_range = True
+        if not self._has_range:
+            self._has_range = True
 
     def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Merge one batch's range into the running range: here a running mean of batch estimates."""
@@ -180,8 +187,7 @@ class MSEObserver(Observer):
         else:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
-        self.count += 1
-        self._has_range = True
+        self._counted()
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -268,8 +274,7 @@ class HistogramObserver(Observer):
         top = float(self.hist_max)
         idx = (flat.abs() * (self.bins / top)).long().clamp_(max=self.bins - 1)
         self.histogram += torch.bincount(idx, minlength=self.bins).to(self.histogram.dtype)
-        self.count += 1
-        self._has_range = True
+        self._counted()
 
     def _rebin(self, new_max: float) -> None:
         """Spread the counts of the old histogram over a wider range ``[0, new_max]``."""
