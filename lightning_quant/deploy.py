@@ -342,6 +342,46 @@ def _propagate_qdq(proto: Any) -> int:
     return added
 
 
+def _drop_requantization(proto: Any) -> int:
+    """Remove ``DequantizeLinear → [Relu] → QuantizeLinear`` chains that give back the codes they started from.
+
+    With the same per-tensor scale and zero point (the same initializers), ``Q(DQ(q))`` is ``q``; a Relu between
+    them changes nothing when the zero point is the lowest code, as no dequantized value is negative. Such chains
+    appear where a block's input quantizer follows a layer output that :func:`_propagate_qdq` put on the same
+    grid, and onnxruntime keeps them as two passes over the tensor. Returns how many were removed.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    values = {i.name: i for i in graph.initializer}
+    producer, consumers = _graph_links(graph)
+    outputs = {o.name for o in graph.output}
+    removed: list[Any] = []
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        relu = producer.get(q.input[0])
+        dq = producer.get(relu.input[0]) if relu is not None and relu.op_type == "Relu" else relu
+        if relu is dq:
+            relu = None
+        if dq is None or dq.op_type != "DequantizeLinear" or list(dq.input[1:]) != list(q.input[1:]):
+            continue
+        if len(q.input) < 3 or q.input[2] not in values or q.output[0] in outputs:
+            continue
+        zero_point = numpy_helper.to_array(values[q.input[2]])
+        if zero_point.size != 1 or any(len(consumers.get(n.output[0], [])) != 1 for n in (dq, relu) if n is not None):
+            continue
+        if relu is not None and int(zero_point) != {"uint8": 0, "int8": -128}.get(str(zero_point.dtype)):
+            continue
+        for user in consumers.get(q.output[0], []):
+            for k, name in enumerate(user.input):
+                if name == q.output[0]:
+                    user.input[k] = dq.input[0]
+        removed.append([n for n in (dq, relu, q) if n is not None])
+    for chain in removed:
+        for n in chain:
+            graph.node.remove(n)
+    return len(removed)
+
+
 def _float_output_layers(proto: Any) -> list[str]:
     """Module names of Conv/Gemm nodes with a quantized input whose output reaches no QuantizeLinear."""
     graph = proto.graph
@@ -411,14 +451,14 @@ def deploy_model(model: nn.Module) -> nn.Module:
         if isinstance(module, FoldedBatchNorm):
             _replace(deployed, name, nn.Identity())  # its affine moved into the conv's bias
         elif isinstance(module, Quantizer):
-            if module.role != "activation" or not name.endswith("output_quantizer"):
+            if module.role != "activation" or not name.endswith(("input_quantizer", "output_quantizer")):
                 raise ExportError(f"'{name}': {type(module).__name__} outside a Linear/Conv layer cannot be exported")
-            _replace(deployed, name, QuantDequant(_activation_grid(module, name)))  # a block's output quantizer
+            _replace(deployed, name, QuantDequant(_activation_grid(module, name)))  # a block's input/output quantizer
     return deployed
 
 
 class QuantDequant(nn.Module):
-    """A module's output quantizer in exported form: a QuantizeLinear/DequantizeLinear pair (identity if off)."""
+    """A block's input or output quantizer in exported form: a QuantizeLinear/DequantizeLinear pair (identity if off)."""
 
     def __init__(self, grid: Optional[AffineGrid]) -> None:
         super().__init__()
@@ -461,6 +501,7 @@ def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], op
     proto = program.model_proto
     _blocked_initializers(proto, blocks)  # type: ignore[arg-type]
     _propagate_qdq(proto)
+    _drop_requantization(proto)
     float_outputs = _float_output_layers(proto)
     if float_outputs:
         warnings.warn(
@@ -489,10 +530,37 @@ def export_torch(model: nn.Module, example_input: Any, path: Optional[Union[str,
         raise ExportError(f"'{blocked[0]}': per-group weights have no int8 kernel in PyTorch; use format='onnx'")
     args = _cpu_args(example_input)
     program = torch.export.export(deployed, args, dynamic_shapes=_batch_dims(args))
+    _drop_requantization_fx(program.graph_module)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(path))
     return program
+
+
+def _drop_requantization_fx(graph_module: torch.fx.GraphModule) -> int:
+    """Skip ``dequantize → quantize`` pairs with identical arguments in an exported program: they give back the
+    codes they started from.
+
+    They appear where a block's input or output quantizer meets the next layer's input quantizer on the same grid;
+    inductor cannot see that the pair is the identity and spends a requantization pass over the tensor on it, and
+    the pair also hides the int8 tensor from its conv + add + ReLU fusion. Returns how many were skipped.
+    """
+    ops = torch.ops.quantized_decomposed
+    skipped = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target != ops.quantize_per_tensor.default:
+            continue
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node) or source.target != ops.dequantize_per_tensor.default:
+            continue
+        if tuple(source.args[1:]) != tuple(node.args[1:]) or source.kwargs != node.kwargs:
+            continue
+        node.replace_all_uses_with(source.args[0])
+        skipped += 1
+    if skipped:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+    return skipped
 
 
 def compile_int8(program: Any) -> Any:

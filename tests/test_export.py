@@ -1,5 +1,6 @@
 """Export: ONNX QDQ run by onnxruntime, the torch.export int8 program, packed binary weights, the CLI."""
 
+import collections
 import copy
 import os
 import warnings
@@ -225,23 +226,33 @@ def test_seven_bit_weights_stay_exact_in_int8_kernels(float_model, test_set, tmp
             export(eight, x[:1], tmp_path / "w8a8.onnx")
 
 
+def _resnet20_calibrated(x: torch.Tensor, *extra: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    recipe = load_recipe(
+        "minmax_w7a8", ["layers.first_layer=same", "layers.last_layer=same", "layers.fold_bn=true", *extra]
+    )
+    quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
+    calibrate(model, [x], lambda b, m=model: m(b))
+    finalize(model)
+    set_quant_state(model, weights=True, activations=True)
+    return model
+
+
 def test_output_quantizers_let_onnxruntime_run_every_conv_as_integer(tmp_path):
     """Convs feeding a residual addition keep float outputs unless their outputs are quantized too; export
-    names them, and with ``layers.quantize_outputs`` onnxruntime fuses every conv into ``QLinearConv``."""
+    names them, and with ``layers.quantize_outputs`` onnxruntime fuses every conv into ``QLinearConv``. With the
+    residual sums, the first block's input and the head quantized too, the optimized graph holds no float layer,
+    as onnxruntime's own ``quantize_static`` graph."""
     x = torch.randn(16, 3, 32, 32)
-    outputs = "layers.quantize_outputs=['conv1','*.conv2','*.shortcut.0']"
-    blocks = "layers.quantize_outputs=['conv1','*.conv2','*.shortcut.0','layers.[0-8]']"  # residual sums too
-    fused, adds = {}, {}
-    for label, extra in (("inputs only", []), ("outputs too", [outputs]), ("blocks too", [blocks])):
-        torch.manual_seed(0)
-        model = resnet20().eval()
-        recipe = load_recipe(
-            "minmax_w7a8", ["layers.first_layer=same", "layers.last_layer=same", "layers.fold_bn=true", *extra]
-        )
-        quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
-        calibrate(model, [x], lambda b, m=model: m(b))
-        finalize(model)
-        set_quant_state(model, weights=True, activations=True)
+    outputs = ["layers.quantize_outputs=['conv1','*.conv2','*.shortcut.0']"]
+    whole = [
+        "layers.quantize_outputs=['*.conv2','*.shortcut.0','layers.[0-8]','fc']",
+        "layers.quantize_inputs=[layers.0]",
+    ]
+    ops = {}
+    for label, extra in (("inputs only", []), ("outputs too", outputs), ("whole graph", whole)):
+        model = _resnet20_calibrated(x, *extra)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             path = export(model, x[:1], tmp_path / f"{label}.onnx")
@@ -250,20 +261,42 @@ def test_output_quantizers_let_onnxruntime_run_every_conv_as_integer(tmp_path):
             assert named and "'conv1'" in named[0] and "layers.0.conv2" in named[0]
         else:
             assert not named
-        if label == "blocks too":
-            assert "output_quantizer" in model.layers[0]._modules  # a block, not a layer: applied by a hook
+        if label == "whole graph":  # blocks, not layers: applied by hooks
+            assert {"input_quantizer", "output_quantizer"} <= set(model.layers[0]._modules)
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"{label}.optimized.onnx")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-        graph = onnx.load(options.optimized_model_filepath).graph
-        fused[label] = sum(n.op_type == "QLinearConv" for n in graph.node)
-        adds[label] = sum(n.op_type == "QLinearAdd" for n in graph.node)
+        ops[label] = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
         with torch.no_grad():
             ref = model(x)
         # the same grids; where float summation order moves a value across a rounding boundary, one code flips
         assert torch.equal(got.argmax(1), ref.argmax(1))
         assert (got - ref).abs().max() < 0.01 * ref.abs().max()
     convs = sum(isinstance(m, nn.Conv2d) for m in resnet20().modules())
-    assert fused["outputs too"] == fused["blocks too"] == convs > fused["inputs only"]
-    assert adds["inputs only"] == adds["outputs too"] == 0 and adds["blocks too"] >= 8  # integer residual sums
+    fused = {k: v["QLinearConv"] for k, v in ops.items()}
+    assert fused["outputs too"] == fused["whole graph"] == convs > fused["inputs only"]
+    assert ops["inputs only"]["QLinearAdd"] == ops["outputs too"]["QLinearAdd"] == 0
+    whole_ops = ops["whole graph"]
+    assert whole_ops["QLinearAdd"] == 9 and whole_ops["QGemm"] == 1  # every residual sum, and the head
+    assert not {"Conv", "Add", "Relu", "Gemm"} & set(whole_ops)  # no float layer, no leftover requantization
+    assert whole_ops["QuantizeLinear"] == whole_ops["DequantizeLinear"] == 2  # the model input; the pooling
+
+
+def test_torch_program_skips_requantization_between_equal_grids():
+    """A block quantizer next to a layer's input quantizer on the same grid leaves no dequantize → quantize pair
+    in the exported program (inductor would spend a pass on it and miss its conv + add + ReLU int8 fusion), and
+    the program still computes exactly what the fake-quant model computes."""
+    x = torch.randn(16, 3, 32, 32)
+    model = _resnet20_calibrated(
+        x, "layers.quantize_outputs=['*.shortcut.0','layers.[0-8]']", "layers.quantize_inputs=[layers.0]"
+    )
+    program = export_torch(model, x[:2])
+    ops = torch.ops.quantized_decomposed
+    nodes = list(program.graph.nodes)
+    quantize = [n for n in nodes if n.target == ops.quantize_per_tensor.default]
+    assert not [n for n in quantize if getattr(n.args[0], "target", None) == ops.dequantize_per_tensor.default]
+    # the model input, the first block's input, 9 blocks' inner and output tensors, 2 shortcut outputs, the head
+    assert len(quantize) == 1 + 1 + 9 + 9 + 2 + 1
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), model(x))

@@ -222,6 +222,38 @@ def test_output_quantizer_on_a_module_returning_a_tuple_is_a_clear_error():
         net(torch.randn(2, 4))
 
 
+def test_input_quantizers_on_blocks_that_are_not_layers():
+    """A block's input quantizer (a pre-hook) puts what both its conv and its residual addition see on one grid."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _Block(), _Block(), nn.Flatten(), nn.Linear(256, 3)).eval()
+    keys = set(net.state_dict())
+    observer4 = QuantizerConfig(method="observer", bits=4)
+    sel = LayerSelection(first_layer="same", last_layer="same", quantize_inputs=["1", "0", "3*"])
+    report = quantize_model(net, observer4, observer4, sel)
+    # a layer ("0") quantizes its input already; Flatten ("3") is a module like a block
+    assert [(r.name, r.reason) for r in report.layers if "input" in r.reason] == [
+        ("1", "input quantized"),
+        ("3", "input quantized"),
+    ]
+    seen = []
+    net[1].conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(8, 1, 8, 8)
+    net(x)  # the first batch sets the ranges
+    block_in = net[1].input_quantizer(net[0](x))
+    assert len(torch.unique(block_in)) <= 16 and torch.equal(seen[-1], block_in)
+    assert any(k.startswith("1.input_quantizer.") for k in net.state_dict())
+    quantize_model(net, observer4, observer4, sel)  # a second call adds nothing
+    assert len(net[1]._forward_pre_hooks) == 1
+    dequantize_model(net)
+    assert set(net.state_dict()) == keys and not net[1]._forward_pre_hooks and not net[3]._forward_pre_hooks
+
+
+def test_input_quantizer_on_a_module_taking_a_tuple_is_a_clear_error():
+    net = nn.Sequential(_Pair(), _Pair())
+    quantize_model(net, W4, A4, LayerSelection(quantize_inputs=["1"]))
+    with pytest.raises(TypeError, match="matched '1', whose input is a tuple"):
+        net(torch.randn(2, 4))
+
+
 def test_second_call_keeps_existing_quantizers():
     net = small_net()
     quantize_model(net, W4, A4)

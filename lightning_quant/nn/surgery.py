@@ -73,6 +73,9 @@ class LayerSelection:
     # convs feeding a residual addition, or whole blocks (a residual block's sum), so that exported graphs
     # run them as integer kernels end to end
     quantize_outputs: list[str] = field(default_factory=list)
+    # name globs of modules (not layers: those quantize their inputs already) whose input is fake-quantized, e.g.
+    # the first residual block, whose input reaches both its first conv and its residual addition
+    quantize_inputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -242,32 +245,49 @@ def quantize_model(
         notes = (reason, "BN folded" if module in fold else "", "output quantized" if output else "")
         row.reason = ", ".join(x for x in notes if x)
         report.layers.append(row)
-    if activations.enabled and layers.quantize_outputs:
-        _quantize_module_outputs(model, activations, layers.quantize_outputs, report)
+    if activations.enabled:
+        _quantize_module_boundaries(model, activations, layers.quantize_inputs, "input", report)
+        _quantize_module_boundaries(model, activations, layers.quantize_outputs, "output", report)
     return report
 
 
-_HOOK_KEY = "_lightning_quant_output_hook"  # id of the forward hook that applies a module's output quantizer
+# ids of the hooks that apply a non-layer module's boundary quantizers: input (pre-hook) and output (hook)
+_HOOK_KEYS = {"input": "_lightning_quant_input_hook", "output": "_lightning_quant_output_hook"}
+
+
+def _boundary_tensor(name: str, side: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"layers.quantize_{side}s matched '{name}', whose {side} is a {type(value).__name__}; only a module "
+            f"{'taking' if side == 'input' else 'returning'} one tensor can have its {side} quantized"
+        )
+    return value
+
+
+def _input_hook(name: str, module: nn.Module, args: tuple[Any, ...]) -> Any:
+    q = module._modules.get("input_quantizer")
+    if q is None or not args:
+        return None
+    return (q(_boundary_tensor(name, "input", args[0])), *args[1:])
 
 
 def _output_hook(name: str, module: nn.Module, args: Any, output: Any) -> Any:
     q = module._modules.get("output_quantizer")
     if q is None:
         return output
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"layers.quantize_outputs matched '{name}', whose output is a {type(output).__name__}; only modules "
-            "returning one tensor can have their output quantized"
-        )
-    return q(output)
+    return q(_boundary_tensor(name, "output", output))
 
 
-def _quantize_module_outputs(model: nn.Module, cfg: QuantizerConfig, patterns: list[str], report: Any) -> None:
-    """Output quantizers, applied by a forward hook, on matched modules that are not layers (e.g. residual blocks).
+def _quantize_module_boundaries(
+    model: nn.Module, cfg: QuantizerConfig, patterns: list[str], side: str, report: Any
+) -> None:
+    """Input or output quantizers, applied by a hook, on matched modules that are not layers (e.g. residual blocks).
 
-    Quantized layers quantize their own output; layers left in float and the quantizers themselves are skipped.
+    Quantized layers quantize their own input and output; layers left in float and the quantizers themselves are
+    skipped. The quantizer is the module's child ``input_quantizer``/``output_quantizer``, so it is checkpointed.
     """
     inside: set[int] = set()
+    attr = f"{side}_quantizer"
     for raw_name, module in model.named_modules():
         name = clean_name(raw_name)
         if isinstance(module, (QuantizedLayer, OptionalStateModule)):
@@ -277,16 +297,19 @@ def _quantize_module_outputs(model: nn.Module, cfg: QuantizerConfig, patterns: l
         if isinstance(module, (QuantizedLayer, OptionalStateModule, FoldedBatchNorm)):
             continue
         if quantized_class(type(module)) is not None:
-            continue  # a layer the recipe left in float keeps a float output
-        if "output_quantizer" not in module._modules:
+            continue  # a layer the recipe left in float stays float
+        if attr not in module._modules:
             anchor = next(itertools.chain(module.parameters(), module.buffers(), model.parameters()), None)
             q = build_quantizer(cfg, "activation", 1)
-            module.output_quantizer = q.to(anchor.device) if anchor is not None else q
-        if _HOOK_KEY not in module.__dict__:
-            handle = module.register_forward_hook(functools.partial(_output_hook, name))
-            module.__dict__[_HOOK_KEY] = handle.id  # an id, not the handle: copies of the model stay independent
+            module.add_module(attr, q.to(anchor.device) if anchor is not None else q)
+        if _HOOK_KEYS[side] not in module.__dict__:
+            if side == "input":
+                handle = module.register_forward_pre_hook(functools.partial(_input_hook, name))
+            else:
+                handle = module.register_forward_hook(functools.partial(_output_hook, name))
+            module.__dict__[_HOOK_KEYS[side]] = handle.id  # an id, not the handle: model copies stay independent
         report.layers.append(
-            LayerReport(name, type(module).__name__, "quantized", None, cfg.bits, cfg.method, "output quantized")
+            LayerReport(name, type(module).__name__, "quantized", None, cfg.bits, cfg.method, f"{side} quantized")
         )
 
 
@@ -356,9 +379,11 @@ def dequantize_model(model: nn.Module) -> None:
             swap_class(module, type(module).float_class)
         elif isinstance(module, FoldedBatchNorm):
             swap_class(module, type(module).float_class)
-        elif _HOOK_KEY in module.__dict__:
-            module._forward_hooks.pop(module.__dict__.pop(_HOOK_KEY), None)
-            module._modules.pop("output_quantizer", None)
+        else:
+            for side, hooks in (("input", module._forward_pre_hooks), ("output", module._forward_hooks)):
+                if _HOOK_KEYS[side] in module.__dict__:
+                    hooks.pop(module.__dict__.pop(_HOOK_KEYS[side]), None)
+                    module._modules.pop(f"{side}_quantizer", None)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
