@@ -458,7 +458,7 @@ def deploy_model(model: nn.Module) -> nn.Module:
 
 
 class QuantDequant(nn.Module):
-    """A block's input or output quantizer in exported form: a QuantizeLinear/DequantizeLinear pair (identity if off)."""
+    """A block's input or output quantizer in exported form: a QuantizeLinear/DequantizeLinear pair (or identity)."""
 
     def __init__(self, grid: Optional[AffineGrid]) -> None:
         super().__init__()
@@ -481,8 +481,12 @@ def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], opset: int = 18) -> Path:
-    """Write ``model`` as an ONNX QDQ graph with int8 weights; checked with ``onnx.checker``."""
+def export_onnx(model: nn.Module, example_input: Any, path: Union[str, Path], opset: int = 20) -> Path:
+    """Write ``model`` as an ONNX QDQ graph with int8 weights; checked with ``onnx.checker``.
+
+    Opset 20 by default: it has a ``Gelu`` operator, which onnxruntime runs as one kernel where older opsets
+    spell GELU as five element-wise ops (MiniLM's feed-forward layers: 0.52x float latency instead of 0.60x).
+    """
     try:
         import onnx
     except ImportError as err:
