@@ -534,11 +534,47 @@ def export_torch(model: nn.Module, example_input: Any, path: Optional[Union[str,
         raise ExportError(f"'{blocked[0]}': per-group weights have no int8 kernel in PyTorch; use format='onnx'")
     args = _cpu_args(example_input)
     program = torch.export.export(deployed, args, dynamic_shapes=_batch_dims(args))
+    _propagate_qdq_fx(program.graph_module)
     _drop_requantization_fx(program.graph_module)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(path))
     return program
+
+
+def _propagate_qdq_fx(graph_module: torch.fx.GraphModule) -> int:
+    """The ``.pt2`` counterpart of :func:`_propagate_qdq`: copy each activation quantize/dequantize pair back
+    through max-pooling, flattening, reshapes and ReLU onto the conv/linear (or its ReLU) that produces the tensor.
+
+    Exact, as in ONNX (those ops commute with a monotone rounding). Inductor then gives the conv an int8 output
+    and pools in int8, as in torchao's graphs. Returns how many pairs were added.
+    """
+    ops, aten = torch.ops.quantized_decomposed, torch.ops.aten
+    layers = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default)
+    passes = (aten.relu.default, aten.max_pool2d.default, aten.flatten.using_ints, aten.view.default,
+              aten.reshape.default)  # fmt: skip
+    graph = graph_module.graph
+    added = 0
+    for q in [n for n in graph.nodes if n.target == ops.quantize_per_tensor.default]:
+        node = q.args[0]
+        path = []
+        while isinstance(node, torch.fx.Node) and node.target in passes and len(node.users) == 1:
+            path.append(node)
+            node = node.args[0]
+        if not path or not isinstance(node, torch.fx.Node) or node.target not in layers or len(node.users) != 1:
+            continue
+        anchor = path[-1] if path[-1].target == aten.relu.default else node  # conv + ReLU is one int8 kernel
+        if anchor is q.args[0]:
+            continue
+        with graph.inserting_after(anchor):
+            copy_q = graph.call_function(ops.quantize_per_tensor.default, (anchor, *q.args[1:]), dict(q.kwargs))
+        with graph.inserting_after(copy_q):
+            copy_dq = graph.call_function(ops.dequantize_per_tensor.default, (copy_q, *q.args[1:]))
+        anchor.replace_all_uses_with(copy_dq, delete_user_cb=lambda user, own=copy_q: user is not own)
+        added += 1
+    if added:
+        graph_module.recompile()
+    return added
 
 
 def _drop_requantization_fx(graph_module: torch.fx.GraphModule) -> int:
