@@ -567,9 +567,13 @@ def _propagate_qdq_fx(graph_module: torch.fx.GraphModule) -> int:
         if anchor is q.args[0]:
             continue
         with graph.inserting_after(anchor):
-            copy_q = graph.call_function(ops.quantize_per_tensor.default, (anchor, *q.args[1:]), dict(q.kwargs))
+            copy_q = graph.call_function(ops.quantize_per_tensor.default, (anchor, *q.args[1:]))
         with graph.inserting_after(copy_q):
             copy_dq = graph.call_function(ops.dequantize_per_tensor.default, (copy_q, *q.args[1:]))
+        value = anchor.meta["val"]  # a fake tensor: shapes and dtypes for torch.export's verifier
+        with value.fake_mode:
+            copy_q.meta["val"] = ops.quantize_per_tensor.default(value, *q.args[1:])
+            copy_dq.meta["val"] = ops.dequantize_per_tensor.default(copy_q.meta["val"], *q.args[1:])
         anchor.replace_all_uses_with(copy_dq, delete_user_cb=lambda user, own=copy_q: user is not own)
         added += 1
     if added:

@@ -107,13 +107,19 @@ def test_qat_lsq_w8a8_onnx_matches_fake_quant_model(float_model, test_set, tmp_p
 def test_torch_int8_program_is_bit_identical_and_compiles(float_model, test_set, tmp_path):
     x, _ = test_set
     model = copy.deepcopy(float_model)
-    _trainer([PostTrainingQuantization("minmax_w8a8", overrides=QUICK, num_samples=256)]).validate(
+    folded = [*QUICK, "layers.fold_bn=true"]  # conv + ReLU, then max-pooling: the pair is copied back
+    _trainer([PostTrainingQuantization("minmax_w8a8", overrides=folded, num_samples=256)]).validate(
         model, datamodule=DigitsDataModule(), verbose=False
     )
     model.eval()
     with torch.no_grad():
         ref = model(x)
     program = export_torch(model, x[:2], tmp_path / "ptq.pt2")
+    pools = [n for n in program.graph.nodes if n.target == torch.ops.aten.max_pool2d.default]
+    # the next conv's input quantizer is copied back onto the ReLU before the pool: inductor pools in int8
+    assert pools and all(
+        p.args[0].target == torch.ops.quantized_decomposed.dequantize_per_tensor.default for p in pools
+    )
     loaded = torch.export.load(str(tmp_path / "ptq.pt2"))
     with torch.no_grad():
         assert torch.equal(program.module()(x), ref)

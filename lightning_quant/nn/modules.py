@@ -99,22 +99,21 @@ class _QuantConvNd(QuantizedLayer):
         """Conv + BatchNorm with the BN scale folded into the quantized weight (Jacob et al., 2018).
 
         While BN is live (training, not frozen) the conv output is rescaled back and normalised with batch
-        statistics, which also updates the running ones; frozen or in eval, the folded bias is used.
+        statistics, which also updates the running ones; frozen or in eval, the folded bias is the conv's bias
+        (inside the convolution, as an exported graph computes it, so that the two agree to the bit).
         """
         bn = self.folded_bn
         assert bn is not None
+        if not self.training or self.bn_frozen:
+            return self._conv_forward(x, self.quantized_weight(), self.folded_bias())  # type: ignore[attr-defined]
         y = self._conv_forward(x, self.quantized_weight(), None)  # type: ignore[attr-defined]
         oshape = [1] * y.dim()
         oshape[1] = -1
-        if self.training and not self.bn_frozen:
-            assert bn.running_mean is not None
-            bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
-            y = y / self._fold_factor().reshape(oshape) + bias.reshape(oshape)
-            # F.batch_norm treats a missing affine weight/bias as 1/0, as the BatchNorm itself would
-            return F.batch_norm(
-                y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum or 0.1, bn.eps
-            )
-        return y + self.folded_bias().reshape(oshape)
+        assert bn.running_mean is not None
+        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        y = y / self._fold_factor().reshape(oshape) + bias.reshape(oshape)
+        # F.batch_norm treats a missing affine weight/bias as 1/0, as the BatchNorm itself would
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum or 0.1, bn.eps)
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):
