@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lightning_quant import PostTrainingQuantization, export
-from lightning_quant.deploy import export_torch
+from lightning_quant.deploy import compile_int8, export_torch
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -224,8 +224,8 @@ def run(name: str, rounds: int, tmp: Path) -> list[str]:
 
     inductor_config.freezing = True  # all three compiled the same way: freezing, one static graph per shape
     torch_float = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
-    torch_int8 = torch.compile(export_torch(qmodel, x[:2]).module(), dynamic=False)
-    torch_int8_out = torch.compile(export_torch(qtorch, x[:2]).module(), dynamic=False)
+    torch_int8 = compile_int8(export_torch(qmodel, x[:2]), dynamic=False)
+    torch_int8_out = compile_int8(export_torch(qtorch, x[:2]), dynamic=False)
     torchao_int8 = torchao_pt2e(model, calib, x[:2])
     with torch.no_grad():
         results["torch float"] = quality(torch_float(x))
