@@ -358,24 +358,25 @@ def _drop_requantization(proto: Any) -> int:
     outputs = {o.name for o in graph.output}
     removed: list[Any] = []
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
-        relu = producer.get(q.input[0])
-        dq = producer.get(relu.input[0]) if relu is not None and relu.op_type == "Relu" else relu
-        if relu is dq:
-            relu = None
+        source = producer.get(q.input[0])
+        relu = source if source is not None and source.op_type == "Relu" else None
+        dq = producer.get(relu.input[0]) if relu is not None else source
+        chain = [n for n in (dq, relu) if n is not None]
         if dq is None or dq.op_type != "DequantizeLinear" or list(dq.input[1:]) != list(q.input[1:]):
-            continue
+            continue  # not the same grid (by initializer name)
         if len(q.input) < 3 or q.input[2] not in values or q.output[0] in outputs:
             continue
+        if any(len(consumers.get(n.output[0], [])) != 1 for n in chain):
+            continue  # the dequantized tensor is used elsewhere too
         zero_point = numpy_helper.to_array(values[q.input[2]])
-        if zero_point.size != 1 or any(len(consumers.get(n.output[0], [])) != 1 for n in (dq, relu) if n is not None):
-            continue
-        if relu is not None and int(zero_point) != {"uint8": 0, "int8": -128}.get(str(zero_point.dtype)):
+        lowest = {"uint8": 0, "int8": -128}.get(str(zero_point.dtype))
+        if zero_point.size != 1 or (relu is not None and int(zero_point) != lowest):
             continue
         for user in consumers.get(q.output[0], []):
             for k, name in enumerate(user.input):
                 if name == q.output[0]:
                     user.input[k] = dq.input[0]
-        removed.append([n for n in (dq, relu, q) if n is not None])
+        removed.append([*chain, q])
     for chain in removed:
         for n in chain:
             graph.node.remove(n)

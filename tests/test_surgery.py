@@ -252,6 +252,8 @@ def test_input_quantizer_on_a_module_taking_a_tuple_is_a_clear_error():
     quantize_model(net, W4, A4, LayerSelection(quantize_inputs=["1"]))
     with pytest.raises(TypeError, match="matched '1', whose input is a tuple"):
         net(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="matched '1', which was called without a positional input"):
+        net[1](x=torch.randn(2, 4))
 
 
 def test_second_call_keeps_existing_quantizers():

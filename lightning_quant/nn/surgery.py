@@ -266,8 +266,10 @@ def _boundary_tensor(name: str, side: str, value: Any) -> torch.Tensor:
 
 def _input_hook(name: str, module: nn.Module, args: tuple[Any, ...]) -> Any:
     q = module._modules.get("input_quantizer")
-    if q is None or not args:
+    if q is None:
         return None
+    if not args:  # called with keyword arguments only: there is no first input to quantize
+        raise TypeError(f"layers.quantize_inputs matched '{name}', which was called without a positional input")
     return (q(_boundary_tensor(name, "input", args[0])), *args[1:])
 
 
