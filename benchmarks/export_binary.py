@@ -47,7 +47,8 @@ def main() -> None:
     torch.set_num_threads(2)
     print(header("python benchmarks/export_binary.py " + " ".join(sys.argv[1:])))
     print(f"latency ratio packed/float (eager PyTorch), median (min-max) over {args.rounds} rounds\n")
-    print("| model | recipe | float state dict | packed file | smaller | agreement with fake-quant | batch 1 | batch 64 |")
+    columns = ("model", "recipe", "float state dict", "packed file", "smaller", "agreement with fake-quant", "batch 1")
+    print("| " + " | ".join(columns) + " | batch 64 |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, (net, x) in models().items():
