@@ -1,6 +1,7 @@
 """Training-step time of QAT relative to a float step, next to torch's own eager QAT, eager and compiled.
 
-One step = forward, cross-entropy, backward, SGD update. All variants of one model are timed
+One step = forward, cross-entropy, backward, SGD update (a round times 10 steps of the small digits CNN, 1 of
+ResNet-20). All variants of one model are timed
 interleaved (A B C ... A B C ...) in one process after a warm-up, on 2 threads; the table gives the median
 ratio to the float step of the same mode (eager or compiled) with its min–max.
 
@@ -49,16 +50,18 @@ def torch_ao(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile_: bool) -> Callable[[], None]:
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile_: bool, steps: int = 1) -> Callable[[], None]:
+    """``steps`` training steps per call (a round of the interleaved timing)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model(x)  # initialise quantizer ranges before compiling
     fwd = torch.compile(model) if compile_ else model
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(fwd(x), y).backward()
-        opt.step()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(fwd(x), y).backward()
+            opt.step()
 
     return step
 
@@ -72,9 +75,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cases = {
-        "digits CNN (batch 64, 1x8x8)": (DigitsCNN(), torch.randn(64, 1, 8, 8)),
-        "ResNet-20 (batch 128, 3x32x32)": (resnet20(), torch.randn(128, 3, 32, 32)),
+    cases = {  # (model, input, steps per round): a digits step takes ~6 ms, so a round times 10 of them
+        "digits CNN (batch 64, 1x8x8)": (DigitsCNN(), torch.randn(64, 1, 8, 8), 10),
+        "ResNet-20 (batch 128, 3x32x32)": (resnet20(), torch.randn(128, 3, 32, 32), 1),
     }
     wanted = {"digits": "digits CNN (batch 64, 1x8x8)", "resnet20": "ResNet-20 (batch 128, 3x32x32)"}
     cases = {wanted[k]: cases[wanted[k]] for k in args.models.split(",")}
@@ -82,7 +85,7 @@ def main() -> None:
     print(header("python benchmarks/qat_step_time.py " + " ".join(sys.argv[1:])))
     print("\n| model | mode | variant | step time / float step (median) | min–max |")
     print("|---|---|---|---|---|")
-    for label, (net, x) in cases.items():
+    for label, (net, x, steps_per_round) in cases.items():
         y = torch.randint(0, 10, (x.shape[0],))
         for compile_ in modes:
             variants = {
@@ -95,7 +98,7 @@ def main() -> None:
                 "lightning-quant lsq_w4a4": ours(copy.deepcopy(net), "lsq_w4a4"),
                 "torch.ao prepare_qat (x86 default)": torch_ao(copy.deepcopy(net)),
             }
-            steps = {k: make_step(m, x, y, compile_) for k, m in variants.items()}
+            steps = {k: make_step(m, x, y, compile_, steps_per_round) for k, m in variants.items()}
             ratios = interleaved_ratios(steps, "float", rounds=args.rounds)
             mode = "compiled" if compile_ else "eager"
             for name, (med, lo, hi) in ratios.items():
