@@ -1,9 +1,9 @@
 """Training-step time of QAT relative to a float step, next to torch's own eager QAT, eager and compiled.
 
-One step = forward, cross-entropy, backward, SGD update (a round times 10 steps of the small digits CNN, 1 of
-ResNet-20). All variants of one model are timed
-interleaved (A B C ... A B C ...) in one process after a warm-up, on 2 threads; the table gives the median
-ratio to the float step of the same mode (eager or compiled) with its min–max.
+One step = forward, cross-entropy, backward, SGD update. All variants of one model are timed interleaved
+(A B C ... A B C ...) in one process after a warm-up, on 2 threads; a round times 10 steps of the small
+digits CNN and 1 of ResNet-20. The table gives the median ratio to the float step of the same mode (eager or
+compiled) with its min–max.
 
     python benchmarks/qat_step_time.py [--rounds 15] [--no-compile]
 """
