@@ -349,14 +349,14 @@ def _residual_net():
     return ImageClassifier(net)
 
 
-def test_block_output_quantizers_are_calibrated_and_restored_from_a_checkpoint(tmp_path):
-    outputs = ["layers.quantize_outputs=['net.1','net.2','*.conv']", *QUICK]
+def test_block_input_and_output_quantizers_are_calibrated_and_restored_from_a_checkpoint(tmp_path):
+    outputs = ["layers.quantize_outputs=['net.1','net.2','*.conv']", "layers.quantize_inputs=['net.1']", *QUICK]
     model = _residual_net()
     cb = PostTrainingQuantization("minmax_w8a8", overrides=outputs, num_samples=128)
     trainer = _trainer([cb])
     trainer.validate(model, datamodule=DigitsDataModule(), verbose=False)
-    block = model.net[1].output_quantizer
-    assert bool(block.initialized) and block.fake_quant_enabled and float(block.scale) > 0
+    for block in (model.net[1].output_quantizer, model.net[1].input_quantizer):  # a block's output and input
+        assert bool(block.initialized) and block.fake_quant_enabled and float(block.scale) > 0
     expected = _predict(model, [cb])
     ckpt = tmp_path / "blocks.ckpt"
     trainer.save_checkpoint(ckpt)
