@@ -17,6 +17,7 @@ from lightning_quant.quantizers import (
     qparams_from_range,
 )
 from lightning_quant.quantizers.binary import BinaryQuantizer
+from lightning_quant.quantizers.functional import row_aminmax, tensor_aminmax
 from lightning_quant.quantizers.observers import build_observer
 
 
@@ -258,3 +259,21 @@ def test_per_channel_observer_quantizer():
     q = ObserverQuantizer(QuantizerConfig(bits=8, granularity="per_channel", axis=0), "weight", num_groups=2)
     q(w)
     assert torch.allclose(q.scale, torch.tensor([1 / 127.5, 4 / 127.5]))
+
+
+def test_per_tensor_range_is_taken_from_the_tensor_as_it_lies_in_memory():
+    """Min-max and EMA observers reduce a per-tensor activation without flattening it (a flattened view of a
+    channels-last tensor is a copy in eager mode and a gather under torch.compile): the same range."""
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    lo, hi = tensor_aminmax(x)
+    assert (lo, hi) == row_aminmax(x.reshape(1, -1))
+    for observer in ("minmax", "ema", "percentile"):
+        q = ObserverQuantizer(QuantizerConfig(observer=observer), "activation")
+        q.train()
+        q(x)
+        q(x * 2)  # an observation after initialisation
+        ref = ObserverQuantizer(QuantizerConfig(observer=observer), "activation")
+        ref.observer(ref.rows(x))
+        ref.observer(ref.rows(x * 2))
+        assert torch.equal(q.observer.min_val, ref.observer.min_val)
+        assert torch.equal(q.observer.max_val, ref.observer.max_val)

@@ -84,6 +84,15 @@ def row_aminmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.amin(dim=1), rows.amax(dim=1)  # two passes, yet ~10x faster than aminmax(dim=1) on CPU
 
 
+def tensor_aminmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum and maximum of a whole tensor, as float32 vectors of length 1 (one per-tensor group).
+
+    The same values as :func:`row_aminmax` on ``x.reshape(1, -1)``, reduced in ``x``'s own memory order.
+    """
+    lo, hi = torch.aminmax(x.detach().float())
+    return lo.reshape(1), hi.reshape(1)
+
+
 def qparams_from_range(
     min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

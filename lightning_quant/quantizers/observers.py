@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,13 @@ def _sample(rows: torch.Tensor) -> torch.Tensor:
 
 
 class Observer(OptionalStateModule):
-    """Base class: ``forward(rows)`` updates the range from a ``(groups, N)`` view and returns nothing."""
+    """Base class: ``forward(rows)`` updates the range from a ``(groups, N)`` view and returns nothing.
+
+    ``plain_range`` observers use each batch's plain minimum and maximum, so a per-tensor range can be taken
+    from the tensor as it is (:meth:`update`) instead of from a flattened view.
+    """
+
+    plain_range: ClassVar[bool] = True
 
     def __init__(self, num_groups: int = 1) -> None:
         super().__init__()
@@ -72,7 +79,10 @@ class Observer(OptionalStateModule):
 
     @torch.no_grad()
     def forward(self, rows: torch.Tensor) -> None:
-        lo, hi = self.batch_range(rows)
+        self.update(*self.batch_range(rows))
+
+    def update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Merge one batch's range (per-group vectors) into the running range."""
         self.combine(lo, hi)
         self._counted()
 
@@ -136,6 +146,8 @@ class EMAObserver(Observer):
 class PercentileObserver(Observer):
     """Clips the range at the ``percentile``-th percentile of each batch (averaged over batches)."""
 
+    plain_range = False
+
     def __init__(self, num_groups: int = 1, percentile: float = 99.99) -> None:
         super().__init__(num_groups)
         self.percentile = percentile
@@ -155,6 +167,8 @@ class MSEObserver(Observer):
     The search uses the bit width, sign and symmetry of the quantizer that owns the observer, so the error it
     minimises is that of the grid the quantizer will use.
     """
+
+    plain_range = False
 
     def __init__(
         self,
@@ -247,6 +261,8 @@ class HistogramObserver(Observer):
     clipping itself: on saturated data (a spike at the largest magnitude, such as image backgrounds) it
     clips far too much. ``clipped_fraction`` records how much was cut; the PTQ callback warns above 1%.
     """
+
+    plain_range = False
 
     def __init__(self, num_groups: int = 1, bits: int = 8, signed: bool = True, bins: int = 2048) -> None:
         super().__init__(num_groups)
