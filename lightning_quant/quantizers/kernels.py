@@ -163,7 +163,10 @@ class _LSQFakeQuant(torch.autograd.Function):
             v, codes = ctx.saved_tensors
             grad_x = torch.ops.aten.hardtanh_backward(grad, v, *_just_outside(ctx.qmin, ctx.qmax))
             # d out / d scale is codes - v inside the range and codes outside: grad·codes - grad_x·v
-            grad_s = (grad * codes).sub_(grad_x * v).sum(dim=(0, 2))
+            if codes.shape[1] == 1:  # one step: two dot products, no temporaries
+                grad_s = torch.dot(grad.reshape(-1), codes.reshape(-1)) - torch.dot(grad_x.reshape(-1), v.reshape(-1))
+            else:
+                grad_s = (grad * codes).sub_(grad_x * v).sum(dim=(0, 2))
         return grad_x, (grad_s * ctx.grad_factor).reshape(ctx.scale_shape), None, None, None
 
 
