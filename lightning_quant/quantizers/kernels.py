@@ -7,7 +7,9 @@ a QAT step in eager mode. Tensors of at least ``MIN_NUMEL`` elements get one gen
 the forward (quantize, dequantize) and one for the backward (masked gradient, LSQ's step gradient); inductor
 generates each the first time it is used (shapes are dynamic, so once per process). Below that size a
 compiled call costs more than it saves, and a handful of in-place ATen ops is used instead; their backward
-is one ``hardtanh_backward`` on the saved codes, which is exactly the straight-through mask.
+is one ``hardtanh_backward`` on the saved codes, which is exactly the straight-through mask. Below
+``EAGER_MIN_NUMEL`` elements, affine fake quantization calls torch's own kernel, the cheapest single call
+there (LSQ, which has no such kernel, keeps the in-place ops).
 
 All of this applies to float32 CPU tensors outside an enclosing ``torch.compile`` (which fuses the
 reference ops itself). Set ``LIGHTNING_QUANT_KERNELS=eager`` to turn it off (torch's own kernels are used);
