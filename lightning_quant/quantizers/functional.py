@@ -77,10 +77,9 @@ def row_aminmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A single row uses the full reduction, which torch parallelises far better than a one-row ``dim=1``; several
     rows use ``amin``/``amax``, which vectorise along the rows where ``aminmax(dim=1)`` does not.
     """
-    rows = rows.detach().float()
     if rows.shape[0] == 1:
-        lo, hi = torch.aminmax(rows)
-        return lo.reshape(1), hi.reshape(1)
+        return tensor_aminmax(rows)
+    rows = rows.detach().float()
     return rows.amin(dim=1), rows.amax(dim=1)  # two passes, yet ~10x faster than aminmax(dim=1) on CPU
 
 
