@@ -107,3 +107,58 @@ def test_compiled_fake_quantize_matches_torch_in_values_and_gradients(big, granu
     assert torch.equal(y1, y0)
     assert torch.equal(g1, g0)
     assert 0 < (g1 == 0).float().mean() < 1
+
+
+def _observer_steps(q, shape, steps=4):
+    """Train-mode forward/backward passes over inputs whose range drifts; returns everything that must match."""
+    torch.manual_seed(1)
+    seen = []
+    for i in range(steps):
+        x = (torch.randn(*shape) * (1 + i) + 0.3 * i).requires_grad_()
+        y = q(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        seen += [y.detach(), x.grad, *[b.clone() for b in q.buffers()]]
+    return seen
+
+
+@pytest.mark.parametrize("size", list(SIZES), ids=list(SIZES))
+@pytest.mark.parametrize(
+    ("role", "observer", "granularity", "symmetric", "bits"),
+    [
+        ("activation", "ema", "per_tensor", False, 8),
+        ("activation", "ema", "per_tensor", True, 8),
+        ("activation", "minmax", "per_tensor", False, 4),
+        ("weight", "minmax", "per_tensor", True, 4),
+        ("weight", "minmax", "per_channel", True, 8),
+        ("weight", "minmax", "per_channel", True, 3),
+    ],
+)
+def test_observer_cpu_path_matches_tensor_path(size, role, observer, granularity, symmetric, bits):
+    """The eager CPU path of observer quantizers (float32 scalar qparams, in-place per-channel ranges) gives the
+    same outputs, gradients, ranges, scales and zero points, to the bit, as the tensor path on every step."""
+    from lightning_quant.quantizers import build_quantizer
+
+    cfg = QuantizerConfig(observer=observer, granularity=granularity, symmetric=symmetric, bits=bits, momentum=0.1)
+    shape = SIZES[size]
+    runs = []
+    for enabled in (True, False):
+        kernels.set_enabled(enabled)
+        try:
+            q = build_quantizer(cfg, role, shape[0] if granularity == "per_channel" else 1).train()
+            runs.append(_observer_steps(q, shape))
+            q.observer_enabled = False  # frozen ranges take the same path
+            runs[-1] += _observer_steps(q, shape, steps=1)
+        finally:
+            kernels.set_enabled(True)
+    assert len(runs[0]) == len(runs[1])
+    for fast, reference in zip(*runs):
+        assert torch.equal(fast, reference)
+
+
+def test_per_tensor_qparams_reject_nan_ranges():
+    from lightning_quant.quantizers import build_quantizer
+
+    q = build_quantizer(QuantizerConfig(observer="ema", symmetric=False), "activation").train()
+    q(torch.randn(64))
+    with pytest.raises(ValueError, match="NaN"):
+        q(torch.full((64,), float("nan")))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -14,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_quant.quantizers import kernels
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
-_FLOAT32_EPS = torch.finfo(torch.float32).eps
+FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -100,7 +101,7 @@ def qparams_from_range(
     The range is widened to contain zero so that zero is exactly representable (padding, ReLU outputs).
     Symmetric signed codes get a zero point of 0; symmetric unsigned codes (``qmin == 0``) cover ``[0, max]``.
     """
-    eps = _FLOAT32_EPS
+    eps = FLOAT32_EPS
     if symmetric:  # (fewer ops than widening first: this runs on every QAT step)
         if qmin < 0:  # max(|lo|, |hi|) of the zero-widened range is max(-lo, hi) whenever lo <= hi
             scale = torch.maximum(-min_val.float(), max_val.float()).div_((qmax - qmin) / 2)
@@ -112,6 +113,30 @@ def qparams_from_range(
     scale = ((hi - lo) / (qmax - qmin)).clamp_min_(eps)
     zero_point = (qmin - torch.round(lo / scale)).clamp_(qmin, qmax).to(torch.int32)
     return scale, zero_point
+
+
+def qparams_from_floats(
+    min_val: np.float32, max_val: np.float32, qmin: int, qmax: int, symmetric: bool
+) -> tuple[np.float32, int]:
+    """:func:`qparams_from_range` for one range held as float32 scalars, with the same float32 arithmetic.
+
+    The same scale and zero point, bit for bit, without the dozen tensor ops that cost more than a small
+    layer's fake quantization on the CPU (the eager path of per-tensor observers).
+    """
+    eps = np.float32(FLOAT32_EPS)
+    if symmetric:
+        if qmin < 0:
+            scale = np.maximum(-min_val, max_val) / np.float32((qmax - qmin) / 2)
+        else:
+            scale = np.maximum(max_val, np.float32(0.0)) / np.float32(qmax)
+        return np.maximum(scale, eps), 0
+    lo = np.minimum(min_val, np.float32(0.0))
+    hi = np.maximum(max_val, np.float32(0.0))
+    scale = np.maximum((hi - lo) / np.float32(qmax - qmin), eps)
+    zero_point = np.float32(qmin) - np.rint(lo / scale)
+    if np.isnan(zero_point):
+        raise ValueError(f"the observed range [{min_val}, {max_val}] holds NaN: the quantized tensor had NaN values")
+    return scale, int(min(max(zero_point, qmin), qmax))
 
 
 def fake_quantize(

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 MIN_NUMEL = 1 << 18  # below this, the per-call cost of a compiled kernel outweighs its speed: use eager ops
@@ -122,25 +123,33 @@ def _just_outside(lo: int, hi: int) -> tuple[float, float]:
 
 class _AffineFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> Any:
-        inv_scale = 1.0 / scale
+    def forward(ctx: Any, x: torch.Tensor, scale: Any, zp: Any, qmin: int, qmax: int) -> Any:
+        # scale: a tensor, or a float32 value as a Python float (whose 1/s is then taken in float32 too)
+        inv_scale = float(np.float32(1.0) / np.float32(scale)) if isinstance(scale, float) else 1.0 / scale
         ctx.qmin, ctx.qmax = qmin, qmax
         ctx.generated = x.numel() >= MIN_NUMEL
         if ctx.generated:
             ctx.save_for_backward(x, inv_scale, zp)
             return _run("affine_forward", x, inv_scale, scale, zp, qmin, qmax)
-        codes = torch.mul(x, inv_scale).round_().add_(zp)  # round(x * (1/s)) + zp, as torch's kernels
-        ctx.save_for_backward(codes)
-        return torch.clamp(codes, qmin, qmax).sub_(zp).mul_(scale)
+        if isinstance(zp, int):  # one zero point: clamp(round(x * (1/s)), qmin - zp, qmax - zp) is the same code
+            lo, hi = qmin - zp, qmax - zp
+            codes = torch.mul(x, inv_scale).round_()
+            out = torch.clamp(codes, lo, hi).mul_(scale)
+        else:
+            lo, hi = qmin, qmax
+            codes = torch.mul(x, inv_scale).round_().add_(zp)  # round(x * (1/s)) + zp, as torch's kernels
+            out = torch.clamp(codes, qmin, qmax).sub_(zp).mul_(scale)
+        ctx.bounds = (lo - 0.5, hi + 0.5)  # integer codes: inside [lo, hi] exactly when strictly inside these
+        ctx.codes = codes  # an intermediate, kept on ctx: cheaper than save_for_backward, which checks versions
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         if ctx.generated:
             x, inv_scale, zp = ctx.saved_tensors
             grad_x = _run("affine_backward", grad.contiguous(), x, inv_scale, zp, ctx.qmin, ctx.qmax)
-        else:  # integer codes: inside [qmin, qmax] exactly when strictly inside [qmin - 0.5, qmax + 0.5]
-            (codes,) = ctx.saved_tensors
-            grad_x = torch.ops.aten.hardtanh_backward(grad, codes, ctx.qmin - 0.5, ctx.qmax + 0.5)
+        else:
+            grad_x = torch.ops.aten.hardtanh_backward(grad, ctx.codes, *ctx.bounds)
         return grad_x, None, None, None, None
 
 
@@ -154,7 +163,7 @@ class _LSQFakeQuant(torch.autograd.Function):
             return _run("lsq_forward", x, scale, qmin, qmax)
         v = x / scale
         codes = torch.round(v).clamp_(qmin, qmax)
-        ctx.save_for_backward(v, codes)
+        ctx.v, ctx.codes = v, codes  # intermediates: kept on ctx (see _AffineFakeQuant)
         return codes * scale
 
     @staticmethod
@@ -162,10 +171,10 @@ class _LSQFakeQuant(torch.autograd.Function):
         if ctx.generated:
             grad_x, grad_s = _run("lsq_backward", grad.contiguous(), *ctx.saved_tensors, ctx.qmin, ctx.qmax)
         else:
-            v, codes = ctx.saved_tensors
+            v, codes = ctx.v, ctx.codes
             grad_x = torch.ops.aten.hardtanh_backward(grad, v, *_just_outside(ctx.qmin, ctx.qmax))
             # d out / d scale is codes - v inside the range and codes outside: grad·codes - grad_x·v
-            if codes.shape[1] == 1:  # one step: two dot products, no temporaries
+            if ctx.scale_shape.numel() == 1:  # one step: two dot products, no temporaries
                 grad_s = torch.dot(grad.reshape(-1), codes.reshape(-1)) - torch.dot(grad_x.reshape(-1), v.reshape(-1))
             else:
                 grad_s = (grad * codes).sub_(grad_x * v).sum(dim=(0, 2))
@@ -185,10 +194,42 @@ def affine_fake_quant(
     return out.reshape(x.shape)
 
 
+def symmetric_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int
+) -> torch.Tensor:
+    """:func:`affine_fake_quant` per channel for a CPU float32 ``x`` whose zero points are all 0 (symmetric).
+
+    Below ``EAGER_MIN_NUMEL`` elements torch's own kernel; above, two passes fewer than with zero points.
+    """
+    n = x.numel()
+    if n < EAGER_MIN_NUMEL:
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+    if n >= MIN_NUMEL:
+        return affine_fake_quant(x, scale, zero_point, qmin, qmax, axis)
+    out = _AffineFakeQuant.apply(_as_3d(x, axis), scale.reshape(1, -1, 1), 0, qmin, qmax)
+    return out.reshape(x.shape)
+
+
+def per_tensor_fake_quant(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Fake-quantize a CPU float32 ``x`` with qparams given as Python numbers (no tensor op to prepare them).
+
+    ``scale`` must be a float32 value; same values and gradient as ``torch.fake_quantize_per_tensor_affine``.
+    """
+    n = x.numel()
+    if n < EAGER_MIN_NUMEL:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    if n >= MIN_NUMEL:
+        s = torch.tensor([scale])
+        return affine_fake_quant(x, s, torch.tensor([zero_point]), qmin, qmax, None)
+    return _AffineFakeQuant.apply(x, scale, zero_point, qmin, qmax)
+
+
 def lsq_fake_quant(
     x: torch.Tensor, scale: torch.Tensor, grad_factor: float, qmin: int, qmax: int, axis: Optional[int]
 ) -> torch.Tensor:
     """LSQ fake quantization ``s·clamp(round(x/s))`` with the step gradient scaled by ``grad_factor``."""
+    if axis is None and x.numel() < MIN_NUMEL:  # one step, in-place ops: it broadcasts as it is
+        return _LSQFakeQuant.apply(x, scale, grad_factor, qmin, qmax)
     x3 = _as_3d(x, axis)
     out = _LSQFakeQuant.apply(x3, scale.reshape(1, -1, 1), grad_factor, qmin, qmax)
     return out.reshape(x.shape)

@@ -42,7 +42,7 @@ class LSQQuantizer(Quantizer):
         self.scale.copy_(init.clamp_min(1e-8))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        per_step = x.numel() // self.num_groups if self.role == "weight" else x[0].numel()
+        per_step = x.numel() // (self.num_groups if self.role == "weight" else x.shape[0])
         g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))
         if self.offset is None and kernels.applies(x):
             axis = None if self.granularity == "per_tensor" else self.axis
