@@ -101,7 +101,7 @@ class ObserverQuantizer(Quantizer):
         if self._initialized and self.fake_quant_enabled and self._plain() and kernels.applies(x):
             if self.granularity == "per_tensor" and self.observer.float_combine:
                 return self._per_tensor_forward(x)
-            if self._symmetric_rows(x):
+            if self._symmetric_rows():
                 return self._per_channel_forward(x)
         return super().forward(x)
 
@@ -114,7 +114,7 @@ class ObserverQuantizer(Quantizer):
             and not (self.drop_prob > 0 and self.training)
         )
 
-    def _symmetric_rows(self, x: torch.Tensor) -> bool:
+    def _symmetric_rows(self) -> bool:
         """A weight quantized per output channel (axis 0), symmetric and signed, re-observed as plain min/max."""
         return (
             self.role == "weight"

@@ -197,7 +197,7 @@ def affine_fake_quant(
 def symmetric_fake_quant(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int
 ) -> torch.Tensor:
-    """:func:`affine_fake_quant` per channel for a CPU float32 ``x`` whose zero points are all 0 (symmetric).
+    """:func:`affine_fake_quant` per channel for a CPU float32 ``x``; ``zero_point`` must be all 0 (symmetric).
 
     Below ``EAGER_MIN_NUMEL`` elements torch's own kernel; above, two passes fewer than with zero points.
     """
