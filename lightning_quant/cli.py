@@ -159,7 +159,8 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     if args.export:
         example = next(iter(datamodule.test_dataloader()))[0][:1]
         try:
-            print(f"exported: {export(model, example, args.export, format_for(args.export, args.format))}")
+            path = export(model, example, args.export, format_for(args.export, args.format), args.int4_weights)
+            print(f"exported: {path}")
         except ExportError as err:
             raise SystemExit(f"error: cannot export {recipe.name}: {err}") from err
     if isinstance(logger, WandbLogger):
@@ -224,9 +225,12 @@ def run_export(args: argparse.Namespace) -> None:
     if example is None:
         raise SystemExit("error: give --input-shape (the model has no example_input_array)")
     try:
-        print(f"exported {recipe.name} ({fmt}): {export(model, example, args.output, fmt)}")
+        print(f"exported {recipe.name} ({fmt}): {export(model, example, args.output, fmt, args.int4_weights)}")
     except ExportError as err:
         raise SystemExit(f"error: cannot export {recipe.name}: {err}") from err
+
+
+_INT4_HELP = "ONNX: store weights of 4 bits and fewer as INT4 (half the size; onnxruntime runs those layers in float)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--checkpoint", help="save the quantized model as a Lightning checkpoint here")
     fit.add_argument("--export", help="export the quantized model here (.onnx, .pt2 or .packed)")
     fit.add_argument("--format", choices=["onnx", "torch", "packed"], help="export format (default: from the suffix)")
+    fit.add_argument("--int4-weights", action="store_true", help=_INT4_HELP)
     fit.set_defaults(func=run_fit)
     exp = sub.add_parser(
         "export",
@@ -269,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="the same recipe overrides")
     exp.add_argument("--output", required=True, help="file to write (.onnx, .pt2 or .packed)")
     exp.add_argument("--format", choices=["onnx", "torch", "packed"], help="default: from the --output suffix")
+    exp.add_argument("--int4-weights", action="store_true", help=_INT4_HELP)
     exp.add_argument("--model", help="LightningModule class as 'pkg.module:Class' (default: the digits demo model)")
     exp.add_argument("--input-shape", type=int, nargs="+", help="example input shape (default: example_input_array)")
     exp.set_defaults(func=run_export)

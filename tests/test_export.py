@@ -185,6 +185,33 @@ def test_group_wise_int4_weights_export_to_blocked_onnx(tmp_path):
         export(model, x, tmp_path / "w4.pt2")
 
 
+def test_per_channel_int4_weights_halve_the_weights_and_keep_their_values(float_model, test_set, tmp_path):
+    x, _ = test_set
+    model = copy.deepcopy(float_model)
+    overrides = [*QUICK, "layers.fold_bn=true", "weights.bits=4", "layers.last_layer=8bit"]
+    cb = PostTrainingQuantization("minmax_w8a8", overrides=overrides, num_samples=256)
+    _trainer([cb]).validate(model, datamodule=DigitsDataModule(), verbose=False)
+    int8_path = export(model, x[:1], tmp_path / "w4_in_int8.onnx")
+    int4_path = export(model, x[:1], tmp_path / "w4.onnx", int4_weights=True)
+    graph8, graph4 = onnx.load(str(int8_path)).graph, onnx.load(str(int4_path)).graph
+    kinds = {i.name: i.data_type for i in graph4.initializer if i.name.endswith(("weight_int4", "weight_int8"))}
+    assert list(kinds.values()).count(onnx.TensorProto.INT4) == 3  # the three 4-bit convolutions
+    assert kinds["net.classifier.weight_int8"] == onnx.TensorProto.INT8  # the 8-bit last layer stays int8
+    codes8 = {i.name.removesuffix("_int8"): onnx.numpy_helper.to_array(i) for i in graph8.initializer}
+    for init in graph4.initializer:
+        if init.data_type == onnx.TensorProto.INT4 and init.name.endswith("_int4"):
+            codes = onnx.numpy_helper.to_array(init).astype(np.int8)
+            assert np.array_equal(codes, codes8[init.name.removesuffix("_int4")])  # the same codes
+            assert len(init.raw_data) == (codes.size + 1) // 2  # two per byte
+    assert os.path.getsize(int4_path) < os.path.getsize(int8_path)
+    # the graphs as written compute the same thing; with onnxruntime's fusions the int4 layers run in float
+    assert torch.equal(_onnx_logits(int4_path, x, optimize=False), _onnx_logits(int8_path, x, optimize=False))
+    ref, got, agree = _check_parity(model, int4_path, x, optimize=not int8_saturation_risk())  # (8-bit last layer)
+    _assert_close(got, ref, agree)
+    with pytest.raises(ExportError, match="int4_weights"):
+        export(model, x[:1], tmp_path / "w4.pt2", int4_weights=True)
+
+
 def test_unexportable_layers_are_named(float_model):
     dorefa = copy.deepcopy(float_model)
     quantize_model(dorefa, QuantizerConfig(method="dorefa", bits=4), QuantizerConfig(bits=8))
@@ -204,8 +231,8 @@ def test_cli_fit_checkpoint_then_export(tmp_path, capsys):
         ["fit", "--recipe", "minmax_w8a8", "--epochs", "1", "--float-epochs", "2", "--checkpoint", str(ckpt), *common]
     )
     assert ckpt.is_file()
-    cli_main(["export", "--checkpoint", str(ckpt), "--recipe", "minmax_w8a8", "--output", str(out)])
-    assert "exported minmax_w8a8 (onnx)" in capsys.readouterr().out
+    cli_main(["export", "--checkpoint", str(ckpt), "--recipe", "minmax_w8a8", "--output", str(out), "--int4-weights"])
+    assert "exported minmax_w8a8 (onnx)" in capsys.readouterr().out  # 8-bit weights: nothing fits 4 bits, all int8
     x = torch.randn(5, 1, 8, 8)
     logits = _onnx_logits(out, x)
     assert logits.shape == (5, 10) and np.isfinite(logits.numpy()).all()
