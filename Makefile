@@ -15,6 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed-base: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[plots,cli]"
+	$(BIN)/python -c "from lightning_quant.quantizers import native; native.module()"  # builds the fused CPU kernels (once, ~30 s)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-base

@@ -4,7 +4,7 @@ ones) give the same values and gradients as torch's reference fake-quant ops."""
 import pytest
 import torch
 
-from lightning_quant.quantizers import LSQQuantizer, QuantizerConfig, fake_quantize, kernels
+from lightning_quant.quantizers import LSQQuantizer, QuantizerConfig, fake_quantize, kernels, native
 
 SIZES = {  # one tensor shape per path
     "generated": (8, 16, 48, 48),  # >= kernels.MIN_NUMEL: compiled one-pass kernels
@@ -26,6 +26,19 @@ def sized(request) -> torch.Tensor:
 @pytest.fixture
 def big() -> torch.Tensor:
     return _tensor(SIZES["generated"])
+
+
+@pytest.fixture(autouse=True, params=["fused", "python"])
+def backend(request):
+    """Every test runs with the fused C++ kernels and with the Python paths they replace."""
+    native.set_enabled(request.param == "fused")
+    yield request.param
+    native.set_enabled(True)
+
+
+def test_fused_kernels_build(backend):
+    if backend == "fused":
+        assert native.module() is not None  # a C++ compiler is part of the test environment
 
 
 def test_sizes_reach_each_path():
@@ -162,3 +175,25 @@ def test_per_tensor_qparams_reject_nan_ranges():
     q(torch.randn(64))
     with pytest.raises(ValueError, match="NaN"):
         q(torch.full((64,), float("nan")))
+
+
+def test_observer_cpu_path_reads_channels_last_activations():
+    """A channels-last activation is quantized as it lies in memory: same values and gradients, same layout."""
+    from lightning_quant.quantizers import build_quantizer
+
+    x = torch.randn(8, 16, 12, 12).to(memory_format=torch.channels_last)
+    results = []
+    for enabled in (True, False):
+        kernels.set_enabled(enabled)
+        try:
+            q = build_quantizer(QuantizerConfig(observer="ema", symmetric=False), "activation").train()
+            q(x)
+            xi = x.clone().requires_grad_()
+            y = q(xi)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            results.append((y.detach(), xi.grad, q.scale.clone(), q.zero_point.clone()))
+        finally:
+            kernels.set_enabled(True)
+    for fast, reference in zip(*results):
+        assert torch.equal(fast, reference)
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_quant.quantizers import kernels
+from lightning_quant.quantizers import kernels, native
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.functional import (
     FLOAT32_EPS,
@@ -19,7 +19,7 @@ from lightning_quant.quantizers.functional import (
     round_ste,
     tensor_aminmax,
 )
-from lightning_quant.quantizers.observers import build_observer
+from lightning_quant.quantizers.observers import EMAObserver, build_observer
 
 
 @register_quantizer("observer")
@@ -126,13 +126,25 @@ class ObserverQuantizer(Quantizer):
         )
 
     def _per_tensor_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe and fake-quantize with the range and qparams as float32 scalars: the same values as the tensor
-        path, in a handful of ATen calls instead of some thirty (each costs more than a small tensor's work)."""
-        if self.observer_enabled and self.training:
+        """Observe and fake-quantize in a few calls instead of some thirty (each costs more than a small tensor's
+        work): in one fused kernel where built, else with the range and qparams as float32 scalars. The same
+        values as the tensor path either way."""
+        observing = self.observer_enabled and self.training
+        obs = self.observer
+        fused = native.module()
+        if fused is not None:
+            if observing:
+                mode = 2 if self.role == "weight" else (1 if isinstance(obs, EMAObserver) else 0)
+                momentum = obs.momentum if isinstance(obs, EMAObserver) else 0.0
+                buffers = (obs.min_val, obs.max_val, obs.count, self.scale, self.zero_point)
+                fused.observe_per_tensor(
+                    x, *buffers, mode, momentum, obs.has_range, self.qmin, self.qmax, self.symmetric
+                )
+                obs.mark_observed()
+            return fused.affine_fake_quant(x, self.scale, self.zero_point, 1, x.numel(), self.qmin, self.qmax)
+        if observing:
             lo, hi = torch.aminmax(x.detach())
-            lo, hi = self.observer.update_floats(
-                np.float32(lo.item()), np.float32(hi.item()), reset=self.role == "weight"
-            )
+            lo, hi = obs.update_floats(np.float32(lo.item()), np.float32(hi.item()), reset=self.role == "weight")
             scale, zero_point = qparams_from_floats(lo, hi, self.qmin, self.qmax, self.symmetric)
             self.scale.fill_(float(scale))
             if self.symmetric:
@@ -144,15 +156,20 @@ class ObserverQuantizer(Quantizer):
         return kernels.per_tensor_fake_quant(x, float(scale), zero_point, self.qmin, self.qmax)
 
     def _per_channel_forward(self, w: torch.Tensor) -> torch.Tensor:
-        """Symmetric per-channel weights: ranges and scales written in place by six ATen calls (not fourteen)."""
+        """Symmetric per-channel weights: ranges and scales written in place (one fused call, or six ATen calls
+        instead of fourteen)."""
         if self.observer_enabled and self.training:
-            rows = w.detach().reshape(w.shape[0], -1)
             obs = self.observer
-            torch.amin(rows, dim=1, out=obs.min_val)
-            torch.amax(rows, dim=1, out=obs.max_val)
-            torch.neg(obs.min_val, out=self.scale)  # max(-min, max) / ((qmax - qmin) / 2), as qparams_from_range
-            torch.maximum(self.scale, obs.max_val, out=self.scale)
-            self.scale.div_((self.qmax - self.qmin) / 2).clamp_min_(FLOAT32_EPS)
+            fused = native.module()
+            if fused is not None:
+                fused.observe_rows_symmetric(w, obs.min_val, obs.max_val, self.scale, self.qmin, self.qmax)
+            else:
+                rows = w.detach().reshape(w.shape[0], -1)
+                torch.amin(rows, dim=1, out=obs.min_val)
+                torch.amax(rows, dim=1, out=obs.max_val)
+                torch.neg(obs.min_val, out=self.scale)  # max(-min, max) / ((qmax - qmin) / 2), as qparams_from_range
+                torch.maximum(self.scale, obs.max_val, out=self.scale)
+                self.scale.div_((self.qmax - self.qmin) / 2).clamp_min_(FLOAT32_EPS)
         return kernels.symmetric_fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, 0)
 
     @torch.no_grad()

@@ -172,7 +172,7 @@ def fake_quantize(
                 use_reentrant=False,
             )
         return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, granularity, axis, group_size)
-    fused = kernels.applies(x) and x.numel() >= kernels.EAGER_MIN_NUMEL
+    fused = kernels.applies(x) and (x.numel() >= kernels.EAGER_MIN_NUMEL or kernels.native.module() is not None)
     if granularity == "per_tensor":
         if fused:
             return kernels.affine_fake_quant(x, scale, zero_point, qmin, qmax, None)

@@ -65,6 +65,10 @@ class Observer(OptionalStateModule):
     def _after_load(self) -> None:
         self._has_range = bool(self.count > 0)
 
+    def mark_observed(self) -> None:
+        """Note that the buffers now hold an observed range (written by a fused kernel, count included)."""
+        self._has_range = True
+
     def _counted(self) -> None:
         """One more tensor observed. In place, and ``_has_range`` set once: ``Module.__setattr__`` costs more than
         the observation itself on small tensors."""

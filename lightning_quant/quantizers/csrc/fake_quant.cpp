@@ -1,0 +1,205 @@
+// Fused CPU fake quantization for eager training: one pass per tensor, one ATen call per quantizer and step.
+//
+// The Python paths issue five to thirty ATen calls per quantizer and step (range, qparams, quantize, mask),
+// and on small layers each call costs more than its work. These functions do the same float32 arithmetic in
+// one loop: nearbyint(x * (1/s)) as torch's fake-quant kernels, the observer and qparams formulas of
+// observers.py / functional.py operation by operation (built with -ffp-contract=off, so no operation is fused
+// into another and every result is rounded as in the tensor code). Tests compare them bit for bit.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kGrain = 16384;
+constexpr float kEps = std::numeric_limits<float>::epsilon();
+
+// x laid out so that its memory order is (outer, channels, inner): any dense layout for one channel (a
+// channels-last activation is read as it lies), else contiguous.
+Tensor laid_out(const Tensor& x, int64_t channels) {
+  return channels == 1 && x.is_non_overlapping_and_dense() ? x : x.contiguous();
+}
+
+float nan_min(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::min(a, b); }
+float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
+
+// qparams_from_range for one group: scale and zero point of [lo, hi] on [qmin, qmax].
+std::pair<float, int64_t> qparams(float lo, float hi, int64_t qmin, int64_t qmax, bool symmetric) {
+  if (symmetric) {
+    float scale = qmin < 0 ? nan_max(-lo, hi) / static_cast<float>((qmax - qmin) / 2.0)
+                           : nan_max(hi, 0.0f) / static_cast<float>(qmax);
+    return {nan_max(scale, kEps), 0};
+  }
+  const float l = nan_min(lo, 0.0f), h = nan_max(hi, 0.0f);
+  const float scale = nan_max((h - l) / static_cast<float>(qmax - qmin), kEps);
+  const float zp = static_cast<float>(qmin) - std::nearbyint(l / scale);
+  if (zp != zp) throw std::invalid_argument("the observed range holds NaN: the quantized tensor had NaN values");
+  return {scale, static_cast<int64_t>(std::min(std::max(zp, static_cast<float>(qmin)), static_cast<float>(qmax)))};
+}
+
+// Fake quantization of x viewed as (outer, channels, inner), one scale and zero point per channel; writes the
+// output and the straight-through mask (1 where the code is inside [qmin, qmax]).
+void quantize_rows(const float* x, float* out, float* mask, const float* scale, const int64_t* zero_point,
+                   int64_t outer, int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
+  at::parallel_for(0, outer * channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row % channels;
+      const float s = scale[c], inv = 1.0f / s;
+      const float lo = static_cast<float>(qmin - zero_point[c]), hi = static_cast<float>(qmax - zero_point[c]);
+      const float* xr = x + row * inner;
+      float* o = out + row * inner;
+      float* m = mask + row * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        const float code = std::nearbyint(xr[i] * inv);
+        const float kept = std::min(std::max(code, lo), hi);
+        m[i] = code == kept ? 1.0f : 0.0f;
+        o[i] = kept * s;
+      }
+    }
+  });
+}
+
+struct AffineFakeQuant : public torch::autograd::Function<AffineFakeQuant> {
+  // x: (outer, channels, inner) after a dense view; scale float32 and zero_point int64, one per channel
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                        int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
+    const Tensor xd = laid_out(x, channels);
+    Tensor out = torch::empty_like(xd);
+    Tensor mask = torch::empty_like(xd);
+    const Tensor s = scale.contiguous(), zp = zero_point.to(torch::kLong).contiguous();
+    const int64_t outer = xd.numel() / (channels * inner);
+    quantize_rows(xd.data_ptr<float>(), out.data_ptr<float>(), mask.data_ptr<float>(), s.data_ptr<float>(),
+                  zp.data_ptr<int64_t>(), outer, channels, inner, qmin, qmax);
+    ctx->save_for_backward({mask});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor mask = ctx->get_saved_variables()[0];
+    return {grads[0] * mask, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct LSQFakeQuant : public torch::autograd::Function<LSQFakeQuant> {
+  // s·clamp(round(x/s)); the step's gradient is Σ grad·(code - x/s) inside the range, Σ grad·code outside,
+  // times grad_factor, per channel of (outer, channels, inner)
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, double grad_factor,
+                        int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
+    const Tensor xd = laid_out(x, channels);
+    Tensor out = torch::empty_like(xd), mask = torch::empty_like(xd), step = torch::empty_like(xd);
+    const Tensor s = scale.detach().contiguous();
+    const float* ps = s.data_ptr<float>();
+    const float* px = xd.data_ptr<float>();
+    float *po = out.data_ptr<float>(), *pm = mask.data_ptr<float>(), *pt = step.data_ptr<float>();
+    const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+    const int64_t outer = xd.numel() / (channels * inner);
+    at::parallel_for(0, outer * channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const float sc = ps[row % channels];
+        for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
+          const float v = px[i] / sc;
+          const float code = std::min(std::max(std::nearbyint(v), lo), hi);
+          const bool inside = v >= lo && v <= hi;
+          pm[i] = inside ? 1.0f : 0.0f;
+          pt[i] = inside ? code - v : code;
+          po[i] = code * sc;
+        }
+      }
+    });
+    ctx->save_for_backward({mask, step});
+    ctx->saved_data["grad_factor"] = grad_factor;
+    ctx->saved_data["shape"] = std::vector<int64_t>{outer, channels, inner};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    const double factor = ctx->saved_data["grad_factor"].toDouble();
+    const Tensor grad = grads[0].contiguous();
+    Tensor grad_step;
+    if (shape[1] == 1) {
+      grad_step = at::dot(grad.reshape(-1), saved[1].reshape(-1)).reshape({1});
+    } else {
+      grad_step = (grad * saved[1]).reshape(shape).sum(at::IntArrayRef{0, 2});
+    }
+    return {grad * saved[0], grad_step.mul_(factor), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// Per-tensor observer step (min-max or EMA, or a fresh range for weights) and the new scale and zero point,
+// written to the buffers; returns (scale, zero_point). mode: 0 running min-max, 1 EMA, 2 reset to this range.
+std::tuple<double, int64_t> observe_per_tensor(const Tensor& x, Tensor min_val, Tensor max_val, Tensor count,
+                                               Tensor scale, Tensor zero_point, int64_t mode, double momentum,
+                                               bool has_range, int64_t qmin, int64_t qmax, bool symmetric) {
+  const auto [lo_t, hi_t] = at::aminmax(x.detach());
+  float lo = lo_t.item<float>(), hi = hi_t.item<float>();
+  float* pmin = min_val.data_ptr<float>();
+  float* pmax = max_val.data_ptr<float>();
+  if (mode != 2 && has_range) {
+    if (mode == 0) {
+      lo = nan_min(pmin[0], lo);
+      hi = nan_max(pmax[0], hi);
+    } else {
+      const float w = static_cast<float>(momentum);
+      lo = pmin[0] + w * (lo - pmin[0]);
+      hi = pmax[0] + w * (hi - pmax[0]);
+    }
+  }
+  pmin[0] = lo;
+  pmax[0] = hi;
+  int64_t* pcount = count.data_ptr<int64_t>();
+  pcount[0] = mode == 2 ? 1 : pcount[0] + 1;
+  auto [s, zp] = qparams(lo, hi, qmin, qmax, symmetric);
+  scale.data_ptr<float>()[0] = s;
+  if (symmetric) {
+    zp = zero_point.item<int64_t>();
+  } else {
+    zero_point.fill_(zp);
+  }
+  return {static_cast<double>(s), zp};
+}
+
+// Symmetric signed per-channel weights (axis 0): each row's min and max into the observer's buffers and the
+// row's scale max(-min, max) / ((qmax - qmin) / 2).
+void observe_rows_symmetric(const Tensor& w, Tensor min_val, Tensor max_val, Tensor scale, int64_t qmin,
+                            int64_t qmax) {
+  const Tensor rows = w.detach().reshape({w.size(0), -1});
+  at::amin_out(min_val, rows, 1);
+  at::amax_out(max_val, rows, 1);
+  const float* pmin = min_val.data_ptr<float>();
+  const float* pmax = max_val.data_ptr<float>();
+  float* ps = scale.data_ptr<float>();
+  for (int64_t c = 0; c < scale.numel(); ++c) ps[c] = qparams(pmin[c], pmax[c], qmin, qmax, true).first;
+}
+
+Tensor affine_fake_quant(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t channels,
+                         int64_t inner, int64_t qmin, int64_t qmax) {
+  return AffineFakeQuant::apply(x, scale, zero_point, channels, inner, qmin, qmax);
+}
+
+Tensor lsq_fake_quant(const Tensor& x, const Tensor& scale, double grad_factor, int64_t channels, int64_t inner,
+                      int64_t qmin, int64_t qmax) {
+  return LSQFakeQuant::apply(x, scale, grad_factor, channels, inner, qmin, qmax);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("affine_fake_quant", &affine_fake_quant, "fake quantization with fixed qparams per channel");
+  m.def("lsq_fake_quant", &lsq_fake_quant, "LSQ fake quantization with the step gradient");
+  m.def("observe_per_tensor", &observe_per_tensor, "per-tensor observer step and qparams, into the buffers");
+  m.def("observe_rows_symmetric", &observe_rows_symmetric, "per-row ranges and symmetric scales, into buffers");
+}
