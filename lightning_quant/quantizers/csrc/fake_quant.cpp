@@ -24,10 +24,11 @@ using torch::autograd::variable_list;
 constexpr int64_t kGrain = 16384;
 constexpr float kEps = std::numeric_limits<float>::epsilon();
 
-// x laid out so that its memory order is (outer, channels, inner): any dense layout for one channel (a
-// channels-last activation is read as it lies), else contiguous.
+// x laid out so that its memory order is (outer, channels, inner): for one channel a channels-last tensor is
+// read as it lies (an activation between convolutions), anything else is made contiguous.
 Tensor laid_out(const Tensor& x, int64_t channels) {
-  return channels == 1 && x.is_non_overlapping_and_dense() ? x : x.contiguous();
+  const bool as_is = x.is_contiguous() || (channels == 1 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
+  return as_is ? x : x.contiguous();
 }
 
 float nan_min(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::min(a, b); }
@@ -125,17 +126,32 @@ struct LSQFakeQuant : public torch::autograd::Function<LSQFakeQuant> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // one pass: the masked input gradient and each channel's Σ grad·step, in the saved tensors' memory order
     const auto saved = ctx->get_saved_variables();
     const auto shape = ctx->saved_data["shape"].toIntVector();
+    const int64_t channels = shape[1], inner = shape[2], rows = shape[0] * shape[1];
+    const Tensor mask = saved[0], step = saved[1];
+    const Tensor grad = grads[0].contiguous(mask.suggest_memory_format());
+    Tensor grad_x = torch::empty_like(mask);
+    std::vector<double> partial(rows, 0.0);
+    const float *pg = grad.data_ptr<float>(), *pm = mask.data_ptr<float>(), *pt = step.data_ptr<float>();
+    float* px = grad_x.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        double sum = 0.0;  // a long row summed in float would lose digits
+        for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
+          px[i] = pg[i] * pm[i];
+          sum += static_cast<double>(pg[i] * pt[i]);
+        }
+        partial[row] = sum;
+      }
+    });
+    Tensor grad_step = torch::zeros({channels}, torch::kDouble);
+    double* ps = grad_step.data_ptr<double>();
+    for (int64_t row = 0; row < rows; ++row) ps[row % channels] += partial[row];
     const double factor = ctx->saved_data["grad_factor"].toDouble();
-    const Tensor grad = grads[0].contiguous();
-    Tensor grad_step;
-    if (shape[1] == 1) {
-      grad_step = at::dot(grad.reshape(-1), saved[1].reshape(-1)).reshape({1});
-    } else {
-      grad_step = (grad * saved[1]).reshape(shape).sum(at::IntArrayRef{0, 2});
-    }
-    return {grad * saved[0], grad_step.mul_(factor), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    grad_step = grad_step.mul_(factor).to(torch::kFloat);
+    return {grad_x, grad_step, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
