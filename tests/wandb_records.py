@@ -8,6 +8,7 @@ Each assembled payload is a serialized ``wandb_internal_pb2.Record``.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,21 @@ from wandb.proto import wandb_internal_pb2
 _BLOCK = 32768
 
 
-def read_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
+def _settled_bytes(path: Path, timeout: float = 30.0) -> bytes:
+    """The file once it has stopped growing: W&B's service may still be flushing it when ``finish()`` returns."""
+    deadline = time.monotonic() + timeout
     data = Path(path).read_bytes()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = Path(path).read_bytes()
+        if again == data:
+            break
+        data = again
+    return data
+
+
+def read_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
+    data = _settled_bytes(path)
     assert data[:4] == b":W&B", "not a W&B run file"
     pos, pending = 7, b""
     while pos + 7 <= len(data):
@@ -26,6 +40,8 @@ def read_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             pos += room
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written (the run did not finish cleanly)
+            break
         payload = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
