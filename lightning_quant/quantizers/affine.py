@@ -133,15 +133,17 @@ class ObserverQuantizer(Quantizer):
         obs = self.observer
         fused = native.module()
         if fused is not None:
+            mode = -1  # frozen
             if observing:
                 mode = 2 if self.role == "weight" else (1 if isinstance(obs, EMAObserver) else 0)
-                momentum = obs.momentum if isinstance(obs, EMAObserver) else 0.0
-                buffers = (obs.min_val, obs.max_val, obs.count, self.scale, self.zero_point)
-                fused.observe_per_tensor(
-                    x, *buffers, mode, momentum, obs.has_range, self.qmin, self.qmax, self.symmetric
-                )
+            momentum = obs.momentum if isinstance(obs, EMAObserver) else 0.0
+            buffers = (obs.min_val, obs.max_val, obs.count, self.scale, self.zero_point)
+            out = fused.per_tensor_step(
+                x, *buffers, mode, momentum, obs.has_range, self.qmin, self.qmax, self.symmetric
+            )
+            if observing:
                 obs.mark_observed()
-            return fused.affine_fake_quant(x, self.scale, self.zero_point, 1, x.numel(), self.qmin, self.qmax)
+            return out
         if observing:
             lo, hi = torch.aminmax(x.detach())
             lo, hi = obs.update_floats(np.float32(lo.item()), np.float32(hi.item()), reset=self.role == "weight")
@@ -158,18 +160,19 @@ class ObserverQuantizer(Quantizer):
     def _per_channel_forward(self, w: torch.Tensor) -> torch.Tensor:
         """Symmetric per-channel weights: ranges and scales written in place (one fused call, or six ATen calls
         instead of fourteen)."""
-        if self.observer_enabled and self.training:
-            obs = self.observer
-            fused = native.module()
-            if fused is not None:
-                fused.observe_rows_symmetric(w, obs.min_val, obs.max_val, self.scale, self.qmin, self.qmax)
-            else:
-                rows = w.detach().reshape(w.shape[0], -1)
-                torch.amin(rows, dim=1, out=obs.min_val)
-                torch.amax(rows, dim=1, out=obs.max_val)
-                torch.neg(obs.min_val, out=self.scale)  # max(-min, max) / ((qmax - qmin) / 2), as qparams_from_range
-                torch.maximum(self.scale, obs.max_val, out=self.scale)
-                self.scale.div_((self.qmax - self.qmin) / 2).clamp_min_(FLOAT32_EPS)
+        observing = self.observer_enabled and self.training
+        obs = self.observer
+        fused = native.module()
+        if fused is not None:
+            buffers = (obs.min_val, obs.max_val, self.scale, self.zero_point)
+            return fused.rows_symmetric_step(w, *buffers, observing, self.qmin, self.qmax)
+        if observing:
+            rows = w.detach().reshape(w.shape[0], -1)
+            torch.amin(rows, dim=1, out=obs.min_val)
+            torch.amax(rows, dim=1, out=obs.max_val)
+            torch.neg(obs.min_val, out=self.scale)  # max(-min, max) / ((qmax - qmin) / 2), as qparams_from_range
+            torch.maximum(self.scale, obs.max_val, out=self.scale)
+            self.scale.div_((self.qmax - self.qmin) / 2).clamp_min_(FLOAT32_EPS)
         return kernels.symmetric_fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, 0)
 
     @torch.no_grad()

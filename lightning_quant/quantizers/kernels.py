@@ -98,9 +98,7 @@ def _run(name: str, *args: Any) -> Any:
 
 def applies(x: torch.Tensor) -> bool:
     """True where this module's fast paths serve ``x``: a float32 CPU tensor outside ``torch.compile``."""
-    return (
-        _state["enabled"] and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-    )
+    return _state["enabled"] and x.is_cpu and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
 def set_enabled(enabled: bool) -> None:

@@ -41,6 +41,11 @@ class LSQQuantizer(Quantizer):
         init = 2 * rows.abs().mean(dim=1) / math.sqrt(max(self.qmax, 1))
         self.scale.copy_(init.clamp_min(1e-8))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._initialized and self.fake_quant_enabled:  # a learned step observes nothing: straight to quantize
+            return self.quantize(x)
+        return super().forward(x)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         per_step = x.numel() // (self.num_groups if self.role == "weight" else x.shape[0])
         g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))

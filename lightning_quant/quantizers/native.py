@@ -26,7 +26,8 @@ _state: dict[str, Any] = {"tried": False, "module": None, "enabled": True}
 
 def _flags() -> tuple[str, list[str]]:
     """Extension name and compiler flags for this CPU class (AVX2 code only where torch itself uses it)."""
-    flags = ["-O3", "-ffp-contract=off"]  # no fused multiply-add: every operation rounds as in the tensor code
+    # no fused multiply-add, so every operation rounds as in the tensor code; no FP traps, so comparisons vectorize
+    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         return "lightning_quant_fake_quant_avx2", [*flags, "-mavx2", "-mfma"]
     return "lightning_quant_fake_quant", flags

@@ -21,7 +21,7 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kGrain = 16384;
+constexpr int64_t kGrain = 32768;  // as ATen's element-wise kernels: below it, one thread
 constexpr float kEps = std::numeric_limits<float>::epsilon();
 
 // x laid out so that its memory order is (outer, channels, inner): for one channel a channels-last tensor is
@@ -48,25 +48,43 @@ std::pair<float, int64_t> qparams(float lo, float hi, int64_t qmin, int64_t qmax
   return {scale, static_cast<int64_t>(std::min(std::max(zp, static_cast<float>(qmin)), static_cast<float>(qmax)))};
 }
 
+// The values of a small integer (or integral float) tensor, whatever its dtype.
+std::vector<int64_t> integers(const Tensor& t) {
+  const Tensor c = t.scalar_type() == torch::kInt || t.scalar_type() == torch::kLong ? t.contiguous() : t.to(torch::kLong);
+  std::vector<int64_t> out(c.numel());
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    out[i] = c.scalar_type() == torch::kInt ? c.data_ptr<int32_t>()[i] : c.data_ptr<int64_t>()[i];
+  }
+  return out;
+}
+
+// Runs body(row, begin, end) over the flat elements of a (rows, inner) layout in parallel chunks of about
+// kGrain elements, each chunk cut at row boundaries so that the inner loop sees one row's constants.
+template <typename Body>
+void for_segments(int64_t rows, int64_t inner, const Body& body) {
+  at::parallel_for(0, rows * inner, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t row = i / inner;
+      const int64_t stop = std::min(end, (row + 1) * inner);
+      body(row, i, stop);
+      i = stop;
+    }
+  });
+}
+
 // Fake quantization of x viewed as (outer, channels, inner), one scale and zero point per channel; writes the
 // output and the straight-through mask (1 where the code is inside [qmin, qmax]).
-void quantize_rows(const float* x, float* out, float* mask, const float* scale, const int64_t* zero_point,
+void quantize_rows(const float* x, float* out, float* mask, const float* scale, const std::vector<int64_t>& zero_point,
                    int64_t outer, int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
-  at::parallel_for(0, outer * channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t c = row % channels;
-      const float s = scale[c], inv = 1.0f / s;
-      const float lo = static_cast<float>(qmin - zero_point[c]), hi = static_cast<float>(qmax - zero_point[c]);
-      const float* xr = x + row * inner;
-      float* o = out + row * inner;
-      float* m = mask + row * inner;
-      for (int64_t i = 0; i < inner; ++i) {
-        const float code = std::nearbyint(xr[i] * inv);
-        const float kept = std::min(std::max(code, lo), hi);
-        m[i] = code == kept ? 1.0f : 0.0f;
-        o[i] = kept * s;
-      }
+  for_segments(outer * channels, inner, [&](int64_t row, int64_t begin, int64_t end) {
+    const int64_t c = row % channels;
+    const float s = scale[c], inv = 1.0f / s;
+    const float lo = static_cast<float>(qmin - zero_point[c]), hi = static_cast<float>(qmax - zero_point[c]);
+    for (int64_t i = begin; i < end; ++i) {
+      const float code = std::nearbyint(x[i] * inv);
+      const float kept = std::min(std::max(code, lo), hi);
+      mask[i] = code == kept ? 1.0f : 0.0f;
+      out[i] = kept * s;
     }
   });
 }
@@ -78,10 +96,10 @@ struct AffineFakeQuant : public torch::autograd::Function<AffineFakeQuant> {
     const Tensor xd = laid_out(x, channels);
     Tensor out = torch::empty_like(xd);
     Tensor mask = torch::empty_like(xd);
-    const Tensor s = scale.contiguous(), zp = zero_point.to(torch::kLong).contiguous();
+    const Tensor s = scale.contiguous();
     const int64_t outer = xd.numel() / (channels * inner);
     quantize_rows(xd.data_ptr<float>(), out.data_ptr<float>(), mask.data_ptr<float>(), s.data_ptr<float>(),
-                  zp.data_ptr<int64_t>(), outer, channels, inner, qmin, qmax);
+                  integers(zero_point), outer, channels, inner, qmin, qmax);
     ctx->save_for_backward({mask});
     return out;
   }
@@ -105,18 +123,15 @@ struct LSQFakeQuant : public torch::autograd::Function<LSQFakeQuant> {
     float *po = out.data_ptr<float>(), *pm = mask.data_ptr<float>(), *pt = step.data_ptr<float>();
     const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
     const int64_t outer = xd.numel() / (channels * inner);
-    at::parallel_for(0, outer * channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const float sc = ps[row % channels];
-        for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
-          const float v = px[i] / sc;
-          const float code = std::min(std::max(std::nearbyint(v), lo), hi);
-          const bool inside = v >= lo && v <= hi;
-          pm[i] = inside ? 1.0f : 0.0f;
-          pt[i] = inside ? code - v : code;
-          po[i] = code * sc;
-        }
+    for_segments(outer * channels, inner, [&](int64_t row, int64_t begin, int64_t end) {
+      const float sc = ps[row % channels];
+      for (int64_t i = begin; i < end; ++i) {
+        const float v = px[i] / sc;
+        const float code = std::min(std::max(std::nearbyint(v), lo), hi);
+        const bool inside = v >= lo && v <= hi;
+        pm[i] = inside ? 1.0f : 0.0f;
+        pt[i] = inside ? code - v : code;
+        po[i] = code * sc;
       }
     });
     ctx->save_for_backward({mask, step});
@@ -126,40 +141,25 @@ struct LSQFakeQuant : public torch::autograd::Function<LSQFakeQuant> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // one pass: the masked input gradient and each channel's Σ grad·step, in the saved tensors' memory order
     const auto saved = ctx->get_saved_variables();
     const auto shape = ctx->saved_data["shape"].toIntVector();
-    const int64_t channels = shape[1], inner = shape[2], rows = shape[0] * shape[1];
-    const Tensor mask = saved[0], step = saved[1];
-    const Tensor grad = grads[0].contiguous(mask.suggest_memory_format());
-    Tensor grad_x = torch::empty_like(mask);
-    std::vector<double> partial(rows, 0.0);
-    const float *pg = grad.data_ptr<float>(), *pm = mask.data_ptr<float>(), *pt = step.data_ptr<float>();
-    float* px = grad_x.data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        double sum = 0.0;  // a long row summed in float would lose digits
-        for (int64_t i = row * inner; i < (row + 1) * inner; ++i) {
-          px[i] = pg[i] * pm[i];
-          sum += static_cast<double>(pg[i] * pt[i]);
-        }
-        partial[row] = sum;
-      }
-    });
-    Tensor grad_step = torch::zeros({channels}, torch::kDouble);
-    double* ps = grad_step.data_ptr<double>();
-    for (int64_t row = 0; row < rows; ++row) ps[row % channels] += partial[row];
     const double factor = ctx->saved_data["grad_factor"].toDouble();
-    grad_step = grad_step.mul_(factor).to(torch::kFloat);
-    return {grad_x, grad_step, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor& grad = grads[0];
+    Tensor grad_step;
+    if (shape[1] == 1) {
+      grad_step = at::dot(grad.reshape(-1), saved[1].reshape(-1)).reshape({1});
+    } else {
+      grad_step = (grad * saved[1]).reshape(shape).sum(at::IntArrayRef{0, 2});
+    }
+    return {grad * saved[0], grad_step.mul_(factor), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-// Per-tensor observer step (min-max or EMA, or a fresh range for weights) and the new scale and zero point,
-// written to the buffers; returns (scale, zero_point). mode: 0 running min-max, 1 EMA, 2 reset to this range.
-std::tuple<double, int64_t> observe_per_tensor(const Tensor& x, Tensor min_val, Tensor max_val, Tensor count,
-                                               Tensor scale, Tensor zero_point, int64_t mode, double momentum,
-                                               bool has_range, int64_t qmin, int64_t qmax, bool symmetric) {
+// Per-tensor observer step (mode 0 running min-max, 1 EMA, 2 a fresh range for weights) and the new scale
+// and zero point, written to the buffers.
+void observe_per_tensor(const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& count, Tensor& scale,
+                        Tensor& zero_point, int64_t mode, double momentum, bool has_range, int64_t qmin, int64_t qmax,
+                        bool symmetric) {
   const auto [lo_t, hi_t] = at::aminmax(x.detach());
   float lo = lo_t.item<float>(), hi = hi_t.item<float>();
   float* pmin = min_val.data_ptr<float>();
@@ -178,27 +178,35 @@ std::tuple<double, int64_t> observe_per_tensor(const Tensor& x, Tensor min_val, 
   pmax[0] = hi;
   int64_t* pcount = count.data_ptr<int64_t>();
   pcount[0] = mode == 2 ? 1 : pcount[0] + 1;
-  auto [s, zp] = qparams(lo, hi, qmin, qmax, symmetric);
+  const auto [s, zp] = qparams(lo, hi, qmin, qmax, symmetric);
   scale.data_ptr<float>()[0] = s;
-  if (symmetric) {
-    zp = zero_point.item<int64_t>();
-  } else {
-    zero_point.fill_(zp);
-  }
-  return {static_cast<double>(s), zp};
+  if (!symmetric) zero_point.data_ptr<int32_t>()[0] = static_cast<int32_t>(zp);
 }
 
-// Symmetric signed per-channel weights (axis 0): each row's min and max into the observer's buffers and the
-// row's scale max(-min, max) / ((qmax - qmin) / 2).
-void observe_rows_symmetric(const Tensor& w, Tensor min_val, Tensor max_val, Tensor scale, int64_t qmin,
-                            int64_t qmax) {
-  const Tensor rows = w.detach().reshape({w.size(0), -1});
-  at::amin_out(min_val, rows, 1);
-  at::amax_out(max_val, rows, 1);
-  const float* pmin = min_val.data_ptr<float>();
-  const float* pmax = max_val.data_ptr<float>();
-  float* ps = scale.data_ptr<float>();
-  for (int64_t c = 0; c < scale.numel(); ++c) ps[c] = qparams(pmin[c], pmax[c], qmin, qmax, true).first;
+// An observer quantizer's step on one tensor: observe it (mode >= 0; -1: ranges frozen), then fake-quantize
+// it with the buffers' scale and zero point.
+Tensor per_tensor_step(const Tensor& x, Tensor min_val, Tensor max_val, Tensor count, Tensor scale, Tensor zero_point,
+                       int64_t mode, double momentum, bool has_range, int64_t qmin, int64_t qmax, bool symmetric) {
+  if (mode >= 0) {
+    observe_per_tensor(x, min_val, max_val, count, scale, zero_point, mode, momentum, has_range, qmin, qmax, symmetric);
+  }
+  return AffineFakeQuant::apply(x, scale, zero_point, 1, x.numel(), qmin, qmax);
+}
+
+// Symmetric signed per-channel weights (axis 0): with observe, each row's min and max into the observer's
+// buffers and the row's scale max(-min, max) / ((qmax - qmin) / 2); then the fake-quantized weight.
+Tensor rows_symmetric_step(const Tensor& w, Tensor min_val, Tensor max_val, Tensor scale, Tensor zero_point,
+                           bool observe, int64_t qmin, int64_t qmax) {
+  if (observe) {
+    const Tensor rows = w.detach().reshape({w.size(0), -1});
+    at::amin_out(min_val, rows, 1);
+    at::amax_out(max_val, rows, 1);
+    const float* pmin = min_val.data_ptr<float>();
+    const float* pmax = max_val.data_ptr<float>();
+    float* ps = scale.data_ptr<float>();
+    for (int64_t c = 0; c < scale.numel(); ++c) ps[c] = qparams(pmin[c], pmax[c], qmin, qmax, true).first;
+  }
+  return AffineFakeQuant::apply(w, scale, zero_point, w.size(0), w.numel() / w.size(0), qmin, qmax);
 }
 
 Tensor affine_fake_quant(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t channels,
@@ -216,6 +224,6 @@ Tensor lsq_fake_quant(const Tensor& x, const Tensor& scale, double grad_factor, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_fake_quant", &affine_fake_quant, "fake quantization with fixed qparams per channel");
   m.def("lsq_fake_quant", &lsq_fake_quant, "LSQ fake quantization with the step gradient");
-  m.def("observe_per_tensor", &observe_per_tensor, "per-tensor observer step and qparams, into the buffers");
-  m.def("observe_rows_symmetric", &observe_rows_symmetric, "per-row ranges and symmetric scales, into buffers");
+  m.def("per_tensor_step", &per_tensor_step, "per-tensor observer step and fake quantization");
+  m.def("rows_symmetric_step", &rows_symmetric_step, "per-channel symmetric weight observer step and fake quant");
 }
