@@ -27,12 +27,15 @@ constexpr float kEps = std::numeric_limits<float>::epsilon();
 // x laid out so that its memory order is (outer, channels, inner): for one channel a channels-last tensor is
 // read as it lies (an activation between convolutions), anything else is made contiguous.
 Tensor laid_out(const Tensor& x, int64_t channels) {
-  const bool as_is = x.is_contiguous() || (channels == 1 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const bool as_is =
+      x.is_contiguous() || (channels == 1 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
   return as_is ? x : x.contiguous();
 }
 
-float nan_min(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::min(a, b); }
-float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
+// torch.minimum / torch.maximum: NaN wins.
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+float nan_min(float a, float b) { return (a != a || b != b) ? kNaN : std::min(a, b); }
+float nan_max(float a, float b) { return (a != a || b != b) ? kNaN : std::max(a, b); }
 
 // qparams_from_range for one group: scale and zero point of [lo, hi] on [qmin, qmax].
 std::pair<float, int64_t> qparams(float lo, float hi, int64_t qmin, int64_t qmax, bool symmetric) {
@@ -50,7 +53,8 @@ std::pair<float, int64_t> qparams(float lo, float hi, int64_t qmin, int64_t qmax
 
 // The values of a small integer (or integral float) tensor, whatever its dtype.
 std::vector<int64_t> integers(const Tensor& t) {
-  const Tensor c = t.scalar_type() == torch::kInt || t.scalar_type() == torch::kLong ? t.contiguous() : t.to(torch::kLong);
+  const bool integral = t.scalar_type() == torch::kInt || t.scalar_type() == torch::kLong;
+  const Tensor c = integral ? t.contiguous() : t.to(torch::kLong);
   std::vector<int64_t> out(c.numel());
   for (int64_t i = 0; i < c.numel(); ++i) {
     out[i] = c.scalar_type() == torch::kInt ? c.data_ptr<int32_t>()[i] : c.data_ptr<int64_t>()[i];
@@ -74,8 +78,9 @@ void for_segments(int64_t rows, int64_t inner, const Body& body) {
 
 // Fake quantization of x viewed as (outer, channels, inner), one scale and zero point per channel; writes the
 // output and the straight-through mask (1 where the code is inside [qmin, qmax]).
-void quantize_rows(const float* x, float* out, float* mask, const float* scale, const std::vector<int64_t>& zero_point,
-                   int64_t outer, int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
+void quantize_rows(const float* x, float* out, float* mask, const float* scale,
+                   const std::vector<int64_t>& zero_point, int64_t outer, int64_t channels, int64_t inner,
+                   int64_t qmin, int64_t qmax) {
   for_segments(outer * channels, inner, [&](int64_t row, int64_t begin, int64_t end) {
     const int64_t c = row % channels;
     const float s = scale[c], inv = 1.0f / s;
@@ -90,7 +95,7 @@ void quantize_rows(const float* x, float* out, float* mask, const float* scale, 
 }
 
 struct AffineFakeQuant : public torch::autograd::Function<AffineFakeQuant> {
-  // x: (outer, channels, inner) after a dense view; scale float32 and zero_point int64, one per channel
+  // x viewed as (outer, channels, inner); scale (float32) and zero_point (any integer dtype), one per channel
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
                         int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
     const Tensor xd = laid_out(x, channels);
