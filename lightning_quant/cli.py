@@ -211,15 +211,18 @@ def run_export(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {err}") from err
     model: pl.LightningModule = _import(args.model, "model")() if args.model else ImageClassifier()
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    saved = checkpoint.get("lightning_quant")
-    if saved is None:
-        raise SystemExit(f"error: {args.checkpoint} holds no lightning-quant state (save it after quantizing)")
-    callback = callback_for(recipe)
-    if not hasattr(callback, "prepare"):
-        raise SystemExit(f"error: {recipe.name}: kind {recipe.kind!r} has no quantizers to export")
-    callback.prepare(model)  # type: ignore[attr-defined]
-    model.load_state_dict(checkpoint["state_dict"], strict=False)
-    load_quantizer_state(model, saved["quantizer_state"])
+    if recipe.kind == "inq":  # INQ trains the float layers onto its levels: nothing to rebuild, export finds them
+        model.load_state_dict(checkpoint["state_dict"])
+    else:
+        saved = checkpoint.get("lightning_quant")
+        if saved is None:
+            raise SystemExit(f"error: {args.checkpoint} holds no lightning-quant state (save it after quantizing)")
+        callback = callback_for(recipe)
+        if not hasattr(callback, "prepare"):
+            raise SystemExit(f"error: {recipe.name}: kind {recipe.kind!r} has no quantizers to export")
+        callback.prepare(model)  # type: ignore[attr-defined]
+        model.load_state_dict(checkpoint["state_dict"], strict=False)
+        load_quantizer_state(model, saved["quantizer_state"])
     model.eval()
     example = torch.zeros(args.input_shape) if args.input_shape else getattr(model, "example_input_array", None)
     if example is None:

@@ -10,6 +10,9 @@
 * ``format="packed"``: binary (1-bit) weights stored 8 per byte with their scales; :func:`load_packed`
   rebuilds a runnable module that unpacks them.
 
+Float Linear/Conv layers whose weights already lie on an integer grid (after INQ, or with ternary levels)
+are exported weight-only: int8 (or int16) codes with DequantizeLinear, float activations.
+
 Only grids that the target can represent are exported; anything else raises :class:`ExportError` naming
 the layer. Example::
 
@@ -222,6 +225,59 @@ class DeployLayer(nn.Module):
         else:
             y = self.conv_fn(self._input(x), self._weight(), self.bias, *self.conv_args)
         return _quantize_dequantize(y, self.output_grid)
+
+
+def weight_grid_of(weight: torch.Tensor) -> Optional[AffineGrid]:
+    """The per-tensor grid a float weight already lies on, or None: its smallest nonzero magnitude as the step,
+    every weight an integer multiple of it, at most 32767 steps (INQ's powers of two, TWN/ELQ levels)."""
+    w = weight.detach().float()
+    nonzero = w.abs()[w != 0]
+    if nonzero.numel() == 0:
+        return None
+    step = nonzero.min()
+    codes = w / step
+    top = float(codes.abs().max())
+    if top > 32767 or not torch.equal(codes, codes.round()):
+        return None
+    bound = 127 if top <= 127 else 32767
+    return AffineGrid(step.reshape(()), torch.zeros((), dtype=torch.int32), -bound - 1, bound, None)
+
+
+class GridWeightLayer(nn.Module):
+    """A float Linear/Conv whose weight already lies on an integer grid (an INQ or ternary model): the weight as
+    int8 codes (int16 when they need more than 127 steps) with DequantizeLinear; activations stay float."""
+
+    def __init__(self, layer: nn.Module, name: str, grid: AffineGrid) -> None:
+        super().__init__()
+        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)  # type: ignore[arg-type]
+        self.weight_grid = grid
+        self.dtype = torch.int8 if grid.qmax <= 127 else torch.int16
+        codes = (layer.weight.detach().float() / grid.scale).round().to(self.dtype)  # type: ignore[operator]
+        self.register_buffer("weight_int8" if self.dtype == torch.int8 else "weight_int16", codes)
+        bias = layer.bias
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.weight_grid
+        codes = self.weight_int8 if self.dtype == torch.int8 else self.weight_int16
+        ops = torch.ops.quantized_decomposed
+        w = ops.dequantize_per_tensor(codes, float(g.scale), 0, g.qmin, g.qmax, self.dtype)
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        return self.conv_fn(x, w, self.bias, *self.conv_args)
+
+
+def _grid_weight_layers(model: nn.Module) -> list[tuple[str, GridWeightLayer]]:
+    """The float Linear/Conv layers of ``model`` whose weights lie on an integer grid, as GridWeightLayers."""
+    found = []
+    for name, module in model.named_modules():
+        plain_conv = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros"
+        if not (type(module) is nn.Linear or (plain_conv and not isinstance(module.padding, str))):
+            continue
+        grid = weight_grid_of(module.weight)
+        if grid is not None:
+            found.append((name, GridWeightLayer(module, name, grid)))
+    return found
 
 
 @dataclass
@@ -469,8 +525,14 @@ def deploy_model(model: nn.Module) -> nn.Module:
 
     deployed = copy.deepcopy(model).eval()
     layers = quantized_layers(deployed)
-    if not layers:
-        raise ExportError(f"{type(model).__name__} has no quantized layer: quantize it (a callback) before export")
+    grid_layers = _grid_weight_layers(deployed)  # float layers trained onto a grid (INQ): weight-only integer
+    if not layers and not grid_layers:
+        raise ExportError(
+            f"{type(model).__name__} has no quantized layer (nor a float one whose weights lie on an integer grid, "
+            "as after INQ): quantize it (a callback) before export"
+        )
+    for name, grid_layer in grid_layers:
+        _replace(deployed, name, grid_layer)
     wide = []
     for name, layer in layers:
         deploy = DeployLayer(layer, name)
@@ -542,10 +604,11 @@ def export_onnx(
     int4 = {
         f"{n}.weight_int8": m.weight_grid
         for n, m in deployed.named_modules()
-        if int4_weights and isinstance(m, DeployLayer) and _fits_int4(m.weight_grid)
+        if int4_weights and isinstance(m, (DeployLayer, GridWeightLayer)) and _fits_int4(m.weight_grid)
     }
-    if blocks or int4:
-        opset = max(opset, 21)  # block-wise DequantizeLinear and 4-bit types
+    int16 = any(isinstance(m, GridWeightLayer) and m.dtype == torch.int16 for m in deployed.modules())
+    if blocks or int4 or int16:
+        opset = max(opset, 21)  # block-wise DequantizeLinear, 4-bit and 16-bit types
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

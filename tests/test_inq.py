@@ -105,3 +105,51 @@ def test_elq_weights_end_ternary_or_binary_and_frozen_ones_stay(tmp_path, recipe
         _, alpha = cb.ternary[name]
         assert set(torch.unique(w).tolist()) <= {-alpha, 0.0, alpha}
         assert torch.unique(w).numel() <= values
+
+
+def test_inq_model_exports_its_power_of_two_weights_as_integers(tmp_path):
+    """After INQ every weight is a power of two: ONNX and .pt2 store int8 codes (int16 past 127 steps), exact."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_quant import export
+    from lightning_quant.deploy import compile_int8, export_torch
+
+    model, cb, _ = _fit(tmp_path, 4)  # inq_4bit, every stage done
+    w = to_levels(model.net.classifier.weight.data, 0, -7)  # 5-bit levels 2^-7 .. 2^0: 128 steps
+    w[0, :2] = torch.tensor([1.0, 2.0**-7])
+    model.net.classifier.weight.data = w
+    model.eval()
+    x = torch.randn(7, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    path = export(model, x[:1], tmp_path / "inq.onnx")
+    graph = onnx.load(str(path)).graph
+    kinds = {i.name: i.data_type for i in graph.initializer if ".weight_int" in i.name}
+    assert kinds == {
+        "net.features.0.weight_int8": onnx.TensorProto.INT8,
+        "net.features.3.weight_int8": onnx.TensorProto.INT8,
+        "net.features.7.weight_int8": onnx.TensorProto.INT8,
+        "net.classifier.weight_int16": onnx.TensorProto.INT16,
+    }
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)  # the same weights; float activations
+    program = export_torch(model, x[:2], tmp_path / "inq.pt2")
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), ref)  # dequantized weights are the float weights, bit for bit
+        torch.testing.assert_close(compile_int8(program)(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_inq_checkpoint_exports(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from lightning_quant.cli import main as cli_main
+
+    ckpt, out = tmp_path / "inq.ckpt", tmp_path / "inq.onnx"
+    common = ["--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "logs")]
+    cli_main(
+        ["fit", "--recipe", "inq_4bit", "--set", "inq.epochs=[0,1,2,3]", "--epochs", "4", "--float-epochs", "1"]
+        + ["--checkpoint", str(ckpt), *common]
+    )
+    cli_main(["export", "--checkpoint", str(ckpt), "--recipe", "inq_4bit", "--output", str(out)])
+    assert "exported inq_4bit (onnx)" in capsys.readouterr().out
+    assert out.is_file()
