@@ -117,46 +117,75 @@ struct AffineFakeQuant : public torch::autograd::Function<AffineFakeQuant> {
 
 struct LSQFakeQuant : public torch::autograd::Function<LSQFakeQuant> {
   // s·clamp(round(x/s)); the step's gradient is Σ grad·(code - x/s) inside the range, Σ grad·code outside,
-  // times grad_factor, per channel of (outer, channels, inner)
+  // times grad_factor, per channel of (outer, channels, inner). The forward writes only the output; the
+  // backward recomputes code and range from the saved input (less memory traffic than saving two masks).
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, double grad_factor,
                         int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
     const Tensor xd = laid_out(x, channels);
-    Tensor out = torch::empty_like(xd), mask = torch::empty_like(xd), step = torch::empty_like(xd);
+    Tensor out = torch::empty_like(xd);
     const Tensor s = scale.detach().contiguous();
     const float* ps = s.data_ptr<float>();
     const float* px = xd.data_ptr<float>();
-    float *po = out.data_ptr<float>(), *pm = mask.data_ptr<float>(), *pt = step.data_ptr<float>();
+    float* po = out.data_ptr<float>();
     const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
     const int64_t outer = xd.numel() / (channels * inner);
     for_segments(outer * channels, inner, [&](int64_t row, int64_t begin, int64_t end) {
       const float sc = ps[row % channels];
-      for (int64_t i = begin; i < end; ++i) {
-        const float v = px[i] / sc;
-        const float code = std::min(std::max(std::nearbyint(v), lo), hi);
-        const bool inside = v >= lo && v <= hi;
-        pm[i] = inside ? 1.0f : 0.0f;
-        pt[i] = inside ? code - v : code;
-        po[i] = code * sc;
-      }
+      for (int64_t i = begin; i < end; ++i) po[i] = std::min(std::max(std::nearbyint(px[i] / sc), lo), hi) * sc;
     });
-    ctx->save_for_backward({mask, step});
+    ctx->save_for_backward({xd, scale});
     ctx->saved_data["grad_factor"] = grad_factor;
-    ctx->saved_data["shape"] = std::vector<int64_t>{outer, channels, inner};
+    ctx->saved_data["shape"] = std::vector<int64_t>{outer, channels, inner, qmin, qmax};
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto shape = ctx->saved_data["shape"].toIntVector();
-    const double factor = ctx->saved_data["grad_factor"].toDouble();
-    const Tensor& grad = grads[0];
-    Tensor grad_step;
-    if (shape[1] == 1) {
-      grad_step = at::dot(grad.reshape(-1), saved[1].reshape(-1)).reshape({1});
-    } else {
-      grad_step = (grad * saved[1]).reshape(shape).sum(at::IntArrayRef{0, 2});
-    }
-    return {grad * saved[0], grad_step.mul_(factor), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const int64_t channels = shape[1], inner = shape[2], rows = shape[0] * shape[1];
+    const float lo = static_cast<float>(shape[3]), hi = static_cast<float>(shape[4]);
+    const Tensor& xd = saved[0];
+    const Tensor s = saved[1].detach().contiguous();
+    const Tensor grad = grads[0].contiguous(xd.suggest_memory_format());
+    Tensor grad_x = torch::empty_like(xd);
+    // fixed segments of at most kSegment elements within a row, each summed on its own: deterministic
+    constexpr int64_t kSegment = 4096;
+    const int64_t per_row = (inner + kSegment - 1) / kSegment;
+    std::vector<double> partial(rows * per_row, 0.0);
+    const float *px = xd.data_ptr<float>(), *pg = grad.data_ptr<float>(), *ps = s.data_ptr<float>();
+    float* pgx = grad_x.data_ptr<float>();
+    at::parallel_for(0, rows * per_row, std::max<int64_t>(1, kGrain / kSegment), [&](int64_t first, int64_t last) {
+      for (int64_t seg = first; seg < last; ++seg) {
+        const int64_t row = seg / per_row;
+        const int64_t begin = row * inner + (seg % per_row) * kSegment;
+        const int64_t end = std::min(begin + kSegment, (row + 1) * inner);
+        const float sc = ps[row % channels];
+        float term[kSegment];  // grad·(code - v) inside the range, grad·code outside
+        const int64_t n = end - begin;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = begin + j;
+          const float v = px[i] / sc;
+          const float code = std::min(std::max(std::nearbyint(v), lo), hi);
+          const bool inside = v >= lo && v <= hi;
+          pgx[i] = inside ? pg[i] : 0.0f;
+          term[j] = pg[i] * (inside ? code - v : code);
+        }
+        float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // eight partial sums: one vector add
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+          for (int k = 0; k < 8; ++k) lanes[k] += term[j + k];
+        }
+        double sum = 0.0;
+        for (; j < n; ++j) sum += term[j];
+        for (float lane : lanes) sum += lane;
+        partial[seg] = sum;
+      }
+    });
+    Tensor grad_step = torch::zeros({channels}, torch::kDouble);
+    double* pstep = grad_step.data_ptr<double>();
+    for (int64_t seg = 0; seg < rows * per_row; ++seg) pstep[(seg / per_row) % channels] += partial[seg];
+    grad_step = grad_step.mul_(ctx->saved_data["grad_factor"].toDouble()).to(torch::kFloat);
+    return {grad_x, grad_step, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
