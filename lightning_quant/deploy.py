@@ -166,7 +166,22 @@ def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[t
     return w, bias
 
 
-class DeployLayer(nn.Module):
+class _ExportedLayer(nn.Module):
+    """A Linear/Conv in exported form: it computes ``F.linear`` or its conv function on a given weight."""
+
+    bias: Optional[nn.Parameter]
+
+    def __init__(self, layer: nn.Module, name: str) -> None:
+        super().__init__()
+        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)  # type: ignore[arg-type]
+
+    def _layer(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, self.bias)
+        return self.conv_fn(x, weight, self.bias, *self.conv_args)
+
+
+class DeployLayer(_ExportedLayer):
     """A quantized Linear/Conv as an explicit int8 graph: quantize → dequantize on the input, int8 weight → dequantize.
 
     It uses torch's ``quantized_decomposed`` ops, which ``torch.onnx.export`` turns into
@@ -174,8 +189,7 @@ class DeployLayer(nn.Module):
     """
 
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
-        super().__init__()
-        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)
+        super().__init__(layer, name)
         weight, bias = _deploy_weight_bias(layer)
         self.input_grid = _activation_grid(layer.input_quantizer, f"{name}.input_quantizer")
         self.output_grid = _activation_grid(layer._modules.get("output_quantizer"), f"{name}.output_quantizer")
@@ -220,10 +234,8 @@ class DeployLayer(nn.Module):
         if self.blocks is not None:  # x @ Wᵀ with Wᵀ a constant: exported as MatMul on a blocked DequantizeLinear
             y = torch.matmul(self._input(x), self.weight_blocked_t)
             y = y + self.bias if self.bias is not None else y
-        elif self.kind == "linear":
-            y = F.linear(self._input(x), self._weight(), self.bias)
         else:
-            y = self.conv_fn(self._input(x), self._weight(), self.bias, *self.conv_args)
+            y = self._layer(self._input(x), self._weight())
         return _quantize_dequantize(y, self.output_grid)
 
 
@@ -243,13 +255,12 @@ def weight_grid_of(weight: torch.Tensor) -> Optional[AffineGrid]:
     return AffineGrid(step.reshape(()), torch.zeros((), dtype=torch.int32), -bound - 1, bound, None)
 
 
-class GridWeightLayer(nn.Module):
+class GridWeightLayer(_ExportedLayer):
     """A float Linear/Conv whose weight already lies on an integer grid (an INQ or ternary model): the weight as
     int8 codes (int16 when they need more than 127 steps) with DequantizeLinear; activations stay float."""
 
     def __init__(self, layer: nn.Module, name: str, grid: AffineGrid) -> None:
-        super().__init__()
-        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)  # type: ignore[arg-type]
+        super().__init__(layer, name)
         self.weight_grid = grid
         self.dtype = torch.int8 if grid.qmax <= 127 else torch.int16
         codes = (layer.weight.detach().float() / grid.scale).round().to(self.dtype)  # type: ignore[operator]
@@ -261,10 +272,7 @@ class GridWeightLayer(nn.Module):
         g = self.weight_grid
         codes = self.weight_int8 if self.dtype == torch.int8 else self.weight_int16
         ops = torch.ops.quantized_decomposed
-        w = ops.dequantize_per_tensor(codes, float(g.scale), 0, g.qmin, g.qmax, self.dtype)
-        if self.kind == "linear":
-            return F.linear(x, w, self.bias)
-        return self.conv_fn(x, w, self.bias, *self.conv_args)
+        return self._layer(x, ops.dequantize_per_tensor(codes, float(g.scale), 0, g.qmin, g.qmax, self.dtype))
 
 
 def _grid_weight_layers(model: nn.Module) -> list[tuple[str, GridWeightLayer]]:

@@ -12,7 +12,6 @@ from torch import nn
 from lightning_quant.quantizers import kernels, native
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.functional import (
-    FLOAT32_EPS,
     fake_quantize,
     qparams_from_floats,
     qparams_from_range,
@@ -158,8 +157,7 @@ class ObserverQuantizer(Quantizer):
         return kernels.per_tensor_fake_quant(x, float(scale), zero_point, self.qmin, self.qmax)
 
     def _per_channel_forward(self, w: torch.Tensor) -> torch.Tensor:
-        """Symmetric per-channel weights: ranges and scales written in place (one fused call, or six ATen calls
-        instead of fourteen)."""
+        """Symmetric per-channel weights: one fused call, or the ranges written in place by ``amin``/``amax``."""
         observing = self.observer_enabled and self.training
         obs = self.observer
         fused = native.module()
@@ -170,9 +168,7 @@ class ObserverQuantizer(Quantizer):
             rows = w.detach().reshape(w.shape[0], -1)
             torch.amin(rows, dim=1, out=obs.min_val)
             torch.amax(rows, dim=1, out=obs.max_val)
-            torch.neg(obs.min_val, out=self.scale)  # max(-min, max) / ((qmax - qmin) / 2), as qparams_from_range
-            torch.maximum(self.scale, obs.max_val, out=self.scale)
-            self.scale.div_((self.qmax - self.qmin) / 2).clamp_min_(FLOAT32_EPS)
+            self.update_qparams()
         return kernels.symmetric_fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, 0)
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_quant.quantizers import kernels
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
-FLOAT32_EPS = torch.finfo(torch.float32).eps
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -101,7 +101,7 @@ def qparams_from_range(
     The range is widened to contain zero so that zero is exactly representable (padding, ReLU outputs).
     Symmetric signed codes get a zero point of 0; symmetric unsigned codes (``qmin == 0``) cover ``[0, max]``.
     """
-    eps = FLOAT32_EPS
+    eps = _FLOAT32_EPS
     if symmetric:  # (fewer ops than widening first: this runs on every QAT step)
         if qmin < 0:  # max(|lo|, |hi|) of the zero-widened range is max(-lo, hi) whenever lo <= hi
             scale = torch.maximum(-min_val.float(), max_val.float()).div_((qmax - qmin) / 2)
@@ -123,7 +123,7 @@ def qparams_from_floats(
     The same scale and zero point, bit for bit, without the dozen tensor ops that cost more than a small
     layer's fake quantization on the CPU (the eager path of per-tensor observers).
     """
-    eps = np.float32(FLOAT32_EPS)
+    eps = np.float32(_FLOAT32_EPS)
     if symmetric:
         if qmin < 0:
             scale = np.maximum(-min_val, max_val) / np.float32((qmax - qmin) / 2)
