@@ -277,6 +277,13 @@ def linear_in_features(module: nn.Module) -> int:
     return int(module.in_features) if isinstance(module, nn.Linear) else int(module.weight.shape[0])  # type: ignore[union-attr]
 
 
+def name_quantizers(model: nn.Module) -> None:
+    """Give every quantizer of ``model`` its path (e.g. ``conv1.weight_quantizer``), which its errors name."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            module.set_qualname(".".join(p for p in name.split(".") if p != "_orig_mod"))
+
+
 def swap_class(module: nn.Module, new_class: type[Any]) -> None:
     """Change ``module``'s class in place (the object, its parameters and its hooks stay the same)."""
     module.__class__ = new_class

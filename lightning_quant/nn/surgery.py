@@ -22,6 +22,7 @@ from lightning_quant.nn.modules import (
     FoldedBatchNorm,
     QuantizedLayer,
     _QuantConvNd,
+    name_quantizers,
     quantized_class,
     selection_name,
     swap_class,
@@ -248,6 +249,7 @@ def quantize_model(
     if activations.enabled:
         _quantize_module_boundaries(model, activations, layers.quantize_inputs, "input", report)
         _quantize_module_boundaries(model, activations, layers.quantize_outputs, "output", report)
+    name_quantizers(model)  # errors (non-finite input) name the quantizer: conv1.input_quantizer
     return report
 
 

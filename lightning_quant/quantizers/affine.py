@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_quant.quantizers import kernels, native
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
+from lightning_quant.quantizers.finite import NonFiniteInputError, check_floats, check_range, message
 from lightning_quant.quantizers.functional import (
     fake_quantize,
     qparams_from_floats,
@@ -53,6 +54,11 @@ class ObserverQuantizer(Quantizer):
         self.register_buffer("codes", torch.zeros(0, dtype=torch.int8))  # fixed integer weight codes, if set
         self.drop_prob = 0.0
         self.rounding: Optional[nn.Module] = None  # AdaRound while it is being learned
+        self.observer.owner = self.qualname
+
+    def set_qualname(self, name: str) -> None:
+        super().set_qualname(name)
+        self.observer.owner = name  # the observer checks the ranges it computes and names its quantizer
 
     # -- post-training extras ------------------------------------------------------------------------------
     def learn_scale(self, enable: bool) -> None:
@@ -137,15 +143,20 @@ class ObserverQuantizer(Quantizer):
                 mode = 2 if self.role == "weight" else (1 if isinstance(obs, EMAObserver) else 0)
             momentum = obs.momentum if isinstance(obs, EMAObserver) else 0.0
             buffers = (obs.min_val, obs.max_val, obs.count, self.scale, self.zero_point)
-            out = fused.per_tensor_step(
-                x, *buffers, mode, momentum, obs.has_range, self.qmin, self.qmax, self.symmetric
-            )
+            try:
+                out = fused.per_tensor_step(
+                    x, *buffers, mode, momentum, obs.has_range, self.qmin, self.qmax, self.symmetric
+                )
+            except ValueError as err:  # the kernel's check of the range, before it wrote anything
+                raise NonFiniteInputError(message(self.qualname)) from err
             if observing:
                 obs.mark_observed()
             return out
         if observing:
-            lo, hi = torch.aminmax(x.detach())
-            lo, hi = obs.update_floats(np.float32(lo.item()), np.float32(hi.item()), reset=self.role == "weight")
+            lo_t, hi_t = torch.aminmax(x.detach())
+            lo, hi = np.float32(lo_t.item()), np.float32(hi_t.item())
+            check_floats(lo, hi, self.qualname)
+            lo, hi = obs.update_floats(lo, hi, reset=self.role == "weight")
             scale, zero_point = qparams_from_floats(lo, hi, self.qmin, self.qmax, self.symmetric)
             self.scale.fill_(float(scale))
             if self.symmetric:
@@ -163,22 +174,30 @@ class ObserverQuantizer(Quantizer):
         fused = native.module()
         if fused is not None:
             buffers = (obs.min_val, obs.max_val, self.scale, self.zero_point)
-            return fused.rows_symmetric_step(w, *buffers, observing, self.qmin, self.qmax)
+            try:
+                return fused.rows_symmetric_step(w, *buffers, observing, self.qmin, self.qmax)
+            except ValueError as err:  # the kernel's check of the ranges, before it wrote anything
+                raise NonFiniteInputError(message(self.qualname)) from err
         if observing:
             rows = w.detach().reshape(w.shape[0], -1)
-            torch.amin(rows, dim=1, out=obs.min_val)
-            torch.amax(rows, dim=1, out=obs.max_val)
+            lo, hi = torch.amin(rows, dim=1), torch.amax(rows, dim=1)
+            check_range(lo, hi, self.qualname)
+            obs.min_val.copy_(lo)
+            obs.max_val.copy_(hi)
             self.update_qparams()
         return kernels.symmetric_fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, 0)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         if self.role == "weight":  # weights: the range of the current tensor, not a history
-            self.observer.reset_to(*self.observer.batch_range(self.rows(x)))
+            lo, hi = self.observer.checked_range(self.rows(x))
+            self.observer.reset_to(lo, hi)
         elif self.granularity == "per_tensor" and self.observer.plain_range:
             # reduced as the tensor lies in memory: under torch.compile a flattened view of a channels-last
             # activation is gathered element by element (ResNet-20: 1.12x a float step instead of 0.99x)
-            self.observer.update(*tensor_aminmax(x))
+            lo, hi = tensor_aminmax(x)
+            check_range(lo, hi, self.qualname)
+            self.observer.update(lo, hi)
         else:
             self.observer(self.rows(x))
         if not self.calibrating:  # calibration sets the qparams once, in finalize_calibration()

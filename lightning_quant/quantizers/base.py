@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
+from lightning_quant.quantizers.finite import check_tensor
 from lightning_quant.quantizers.functional import (
     Granularity,
     average_across_ranks,
@@ -52,7 +53,10 @@ class Quantizer(OptionalStateModule):
 
     Subclasses implement ``initialize(x)`` (set the range from the first tensor seen) and ``quantize(x)``.
     ``fake_quant_enabled`` switches quantization off (identity); ``observer_enabled`` lets range state
-    follow the data. A quantizer whose state is absent from a loaded state dict keeps its current state
+    follow the data. ``qualname`` names it in errors (its path in the model, set by ``quantize_model``); a NaN or
+    Inf input raises :class:`~lightning_quant.quantizers.finite.NonFiniteInputError` before any state changes: at
+    initialisation, at every observation (observers) and, while training, at every call of a quantizer with
+    learned parameters. A quantizer whose state is absent from a loaded state dict keeps its current state
     (it is re-initialised from data or restored by the callback), so float checkpoints load into it.
     """
 
@@ -77,7 +81,12 @@ class Quantizer(OptionalStateModule):
         self.register_buffer("signed", torch.tensor(bool(signed)))
         self._auto_sign = signed is None
         self._initialized = False
+        self.qualname = f"an unnamed {type(self).__name__} ({role})"  # replaced by the path in the model at surgery
         self._refresh_range()
+
+    def set_qualname(self, name: str) -> None:
+        """Name this quantizer (its path in the model, e.g. ``conv1.weight_quantizer``) for error messages."""
+        self.qualname = name
 
     # -- integer range -------------------------------------------------------------------------------
     def _refresh_range(self) -> None:
@@ -96,6 +105,8 @@ class Quantizer(OptionalStateModule):
                 self._see(x, always=True)
             return x
         self._see(x, always=False)
+        if self._parameters and self.training:  # learned state: a NaN would reach it through the gradient
+            check_tensor(x, self.qualname)
         return self.quantize(x)
 
     def _see(self, x: torch.Tensor, always: bool) -> None:
@@ -105,6 +116,7 @@ class Quantizer(OptionalStateModule):
         change during calibration, so its first observation stands.
         """
         if not self._initialized:
+            check_tensor(x, self.qualname)  # once, before the sign and the range are set from x
             with torch.no_grad():
                 if self._auto_sign:
                     self.set_signed(bool((x < 0).any()))

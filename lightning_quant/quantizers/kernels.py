@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lightning_quant.quantizers import native
+from lightning_quant.quantizers.finite import NonFiniteInputError, check_tensor, message
 
 MIN_NUMEL = 1 << 18  # below this, the per-call cost of a compiled kernel outweighs its speed: use eager ops
 EAGER_MIN_NUMEL = 1 << 14  # below this, torch's own fused kernel is the cheapest call (affine fake quant)
@@ -243,13 +244,29 @@ def per_tensor_fake_quant(x: torch.Tensor, scale: float, zero_point: int, qmin: 
 
 
 def lsq_fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, grad_factor: float, qmin: int, qmax: int, axis: Optional[int]
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    grad_factor: float,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int],
+    owner: str = "an LSQ quantizer",
 ) -> torch.Tensor:
-    """LSQ fake quantization ``s·clamp(round(x/s))`` with the step gradient scaled by ``grad_factor``."""
+    """LSQ fake quantization ``s·clamp(round(x/s))`` with the step gradient scaled by ``grad_factor``.
+
+    While the step learns (it requires grad), a NaN or Inf in ``x`` raises a ``NonFiniteInputError`` naming
+    ``owner``: its gradient would make the step NaN. The fused kernel checks in its own pass.
+    """
+    check = scale.requires_grad and torch.is_grad_enabled()
     fused = native.module()
     if fused is not None:
         channels, inner = _channels_inner(x, axis)
-        return fused.lsq_fake_quant(x, scale, grad_factor, channels, inner, qmin, qmax)
+        try:
+            return fused.lsq_fake_quant(x, scale, grad_factor, channels, inner, qmin, qmax, check)
+        except ValueError as err:  # the kernel's finiteness check
+            raise NonFiniteInputError(message(owner)) from err
+    if check:
+        check_tensor(x, owner)
     if axis is None and x.numel() < MIN_NUMEL:  # one step, in-place ops: it broadcasts as it is
         return _LSQFakeQuant.apply(x, scale, grad_factor, qmin, qmax)
     x3 = _as_3d(x, axis)

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_quant.quantizers import kernels
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
+from lightning_quant.quantizers.finite import check_tensor
 from lightning_quant.quantizers.functional import grad_scale, round_ste, row_aminmax
 
 
@@ -52,8 +53,11 @@ class LSQQuantizer(Quantizer):
         if self.offset is None and kernels.applies(x):
             axis = None if self.granularity == "per_tensor" else self.axis
             if self.granularity == "per_group":
-                return kernels.lsq_fake_quant(self.rows(x), self.scale, g, self.qmin, self.qmax, 0).reshape(x.shape)
-            return kernels.lsq_fake_quant(x, self.scale, g, self.qmin, self.qmax, axis)
+                out = kernels.lsq_fake_quant(self.rows(x), self.scale, g, self.qmin, self.qmax, 0, self.qualname)
+                return out.reshape(x.shape)
+            return kernels.lsq_fake_quant(x, self.scale, g, self.qmin, self.qmax, axis, self.qualname)
+        if self.training:  # a NaN input would make the learned step NaN through its gradient
+            check_tensor(x, self.qualname)
 
         def fq(v: torch.Tensor) -> torch.Tensor:
             s = self.per_group(grad_scale(self.scale, g), v)

@@ -5,7 +5,11 @@ dominates (see ``kernels``). These kernels observe, compute qparams and fake-qua
 same float32 arithmetic as the Python paths (tests compare them bit for bit). torch's C++ extension builder
 compiles them the first time they are needed (about 30 s; ``make`` does it at install) into its cache
 (``$TORCH_EXTENSIONS_DIR``). Where that fails (no C++ compiler), a warning is given once and the Python paths
-are used. ``LIGHTNING_QUANT_KERNELS=eager`` turns them off, as it does the generated kernels. Usage::
+are used. ``LIGHTNING_QUANT_KERNELS=eager`` turns them off, as it does the generated kernels.
+
+The kernels are torch operators (``torch.ops.lightning_quant.*``), called through the dispatcher, so
+``torch.jit.trace``, ``make_fx`` and ``torch.export`` record them; their fake (shape-only) versions are registered
+here. A traced graph that holds them needs this module loaded (``native.module()``) where it runs. Usage::
 
     fused = native.module()  # None where unavailable
 """
@@ -56,6 +60,7 @@ def module() -> Optional[Any]:
         if not any(build_dir.glob(f"{name}*.so")):
             print("lightning-quant: building the fused CPU fake-quant kernels (once per machine)", file=sys.stderr)
         _state["module"] = cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, verbose=False)
+        _register_fakes()
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: use the Python paths
         warnings.warn(
             f"lightning_quant: fused CPU fake-quant kernels unavailable ({type(err).__name__}: {err}); "
@@ -63,6 +68,50 @@ def module() -> Optional[Any]:
             stacklevel=2,
         )
     return _state["module"]
+
+
+def _laid_out(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The layout the kernels compute in (``laid_out`` in the C++): as it is, or contiguous."""
+    as_is = x.is_contiguous() or (channels == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    return x if as_is else x.contiguous()
+
+
+def _register_fakes() -> None:
+    """Shape-only versions of the operators, for tracing with fake tensors (make_fx, torch.export, torch.compile)."""
+    lib = "lightning_quant::"
+
+    @torch.library.register_fake(lib + "affine_fake_quant")
+    def _affine(x: Any, scale: Any, zero_point: Any, channels: int, inner: int, qmin: int, qmax: int) -> Any:
+        return torch.empty_like(_laid_out(x, channels))
+
+    @torch.library.register_fake(lib + "affine_forward")
+    def _affine_forward(x: Any, scale: Any, zero_point: Any, channels: int, inner: int, qmin: int, qmax: int) -> Any:
+        xd = _laid_out(x, channels)
+        return torch.empty_like(xd), torch.empty_like(xd)
+
+    @torch.library.register_fake(lib + "lsq_fake_quant")
+    def _lsq(
+        x: Any, scale: Any, grad_factor: float, channels: int, inner: int, qmin: int, qmax: int, check: bool
+    ) -> Any:
+        return torch.empty_like(_laid_out(x, channels))
+
+    @torch.library.register_fake(lib + "lsq_forward")
+    def _lsq_forward(x: Any, scale: Any, channels: int, inner: int, qmin: int, qmax: int, check: bool) -> Any:
+        return torch.empty_like(_laid_out(x, channels))
+
+    @torch.library.register_fake(lib + "lsq_backward")
+    def _lsq_backward(
+        grad: Any, x: Any, scale: Any, grad_factor: float, channels: int, inner: int, qmin: int, qmax: int
+    ) -> Any:
+        return torch.empty_like(_laid_out(x, channels)), torch.empty_like(scale)
+
+    @torch.library.register_fake(lib + "observe_per_tensor")
+    def _observe(x: Any, *buffers_and_options: Any) -> None:
+        return None
+
+    @torch.library.register_fake(lib + "observe_rows_symmetric")
+    def _observe_rows(w: Any, *buffers_and_options: Any) -> None:
+        return None
 
 
 def set_enabled(enabled: bool) -> None:

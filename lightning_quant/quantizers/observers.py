@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lightning_quant.quantizers.finite import check_range
 from lightning_quant.quantizers.functional import (
     average_across_ranks,
     int_range,
@@ -44,7 +45,9 @@ class Observer(OptionalStateModule):
     """Base class: ``forward(rows)`` updates the range from a ``(groups, N)`` view and returns nothing.
 
     ``plain_range`` observers use each batch's plain minimum and maximum, so a per-tensor range can be taken
-    from the tensor as it is (:meth:`update`) instead of from a flattened view.
+    from the tensor as it is (:meth:`update`) instead of from a flattened view. Every range is checked before it
+    is merged: a NaN or Inf input raises a ``NonFiniteInputError`` naming ``owner`` (the quantizer) and leaves
+    the buffers as they were.
     """
 
     plain_range: ClassVar[bool] = True
@@ -56,6 +59,7 @@ class Observer(OptionalStateModule):
         self.register_buffer("max_val", torch.full((num_groups,), float("-inf")))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self._has_range = False  # Python copy of count > 0: no tensor-to-bool sync (nor graph break) per step
+        self.owner = f"an unnamed {type(self).__name__}"  # the quantizer's name, set by it
 
     @property
     def has_range(self) -> bool:
@@ -83,9 +87,15 @@ class Observer(OptionalStateModule):
         """Range estimate from one batch; subclasses refine it."""
         return row_aminmax(rows)
 
+    def checked_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch_range`, refused if not finite (a NaN or Inf in ``rows`` makes it so)."""
+        lo, hi = self.batch_range(rows)
+        check_range(lo, hi, self.owner)
+        return lo, hi
+
     @torch.no_grad()
     def forward(self, rows: torch.Tensor) -> None:
-        self.update(*self.batch_range(rows))
+        self.update(*self.checked_range(rows))
 
     def update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Merge one batch's range (per-group vectors) into the running range."""
@@ -201,6 +211,7 @@ class PercentileObserver(Observer):
         self.percentile = percentile
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_range(*row_aminmax(rows), self.owner)  # a percentile can step over an Inf: check all of rows
         rows = _sample(rows.detach().float())
         q = self.percentile / 100.0
         hi = torch.quantile(rows, q, dim=1)
@@ -239,10 +250,11 @@ class MSEObserver(Observer):
             super().forward(rows)
             return
         rows = rows.detach().float()
+        lo, hi = row_aminmax(rows)
+        check_range(lo, hi, self.owner)
         per_batch = max(1, _MAX_SEARCH // 16)  # about 16 batches' worth of samples fill the budget
         step = max(1, math.ceil(rows.shape[1] / per_batch))
         self._kept.append(rows[:, ::step])
-        lo, hi = row_aminmax(rows)
         if self.has_range:
             torch.minimum(self.min_val, lo, out=self.min_val)
             torch.maximum(self.max_val, hi, out=self.max_val)
@@ -325,6 +337,7 @@ class HistogramObserver(Observer):
     def forward(self, rows: torch.Tensor) -> None:
         flat = rows.detach().float().reshape(-1)
         lo, hi = torch.aminmax(flat)
+        check_range(lo, hi, self.owner)
         flat = flat[:: max(1, math.ceil(flat.numel() / _MAX_HIST))]  # an evenly strided sample feeds the histogram
         bound = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8)
         if self.has_range:

@@ -5,11 +5,20 @@
 // one loop: nearbyint(x * (1/s)) as torch's fake-quant kernels, the observer and qparams formulas of
 // observers.py / functional.py operation by operation (built with -ffp-contract=off, so no operation is fused
 // into another and every result is rounded as in the tensor code). Tests compare them bit for bit.
+//
+// Each kernel is a torch operator (namespace lightning_quant, TORCH_LIBRARY): the Python entry points below call
+// them through the dispatcher, so torch.jit.trace, make_fx and torch.export record them like any ATen op. The
+// autograd kernels call the forward and backward operators through the dispatcher too, so tracers below autograd
+// see those. Observation checks the range before writing it: a NaN or Inf input raises a ValueError (non-finite
+// input) and leaves every buffer as it was.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -31,6 +40,11 @@ Tensor laid_out(const Tensor& x, int64_t channels) {
       x.is_contiguous() || (channels == 1 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
   return as_is ? x : x.contiguous();
 }
+
+// The message of the ValueError raised for a non-finite input; the Python side adds the quantizer's name.
+constexpr const char* kNonFinite = "non-finite input (NaN or Inf)";
+constexpr float kMax = std::numeric_limits<float>::max();
+bool finite(float v) { return std::fabs(v) <= kMax; }  // false for NaN and +-Inf
 
 // torch.minimum / torch.maximum: NaN wins.
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -94,108 +108,118 @@ void quantize_rows(const float* x, float* out, float* mask, const float* scale,
   });
 }
 
-struct AffineFakeQuant : public torch::autograd::Function<AffineFakeQuant> {
-  // x viewed as (outer, channels, inner); scale (float32) and zero_point (any integer dtype), one per channel
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
-                        int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
-    const Tensor xd = laid_out(x, channels);
-    Tensor out = torch::empty_like(xd);
-    Tensor mask = torch::empty_like(xd);
-    const Tensor s = scale.contiguous();
-    const int64_t outer = xd.numel() / (channels * inner);
-    quantize_rows(xd.data_ptr<float>(), out.data_ptr<float>(), mask.data_ptr<float>(), s.data_ptr<float>(),
-                  integers(zero_point), outer, channels, inner, qmin, qmax);
-    ctx->save_for_backward({mask});
-    return out;
-  }
+// ---- operator kernels (CPU) ------------------------------------------------------------------------------------
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor mask = ctx->get_saved_variables()[0];
-    return {grads[0] * mask, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-};
+// Fake quantization with fixed qparams per channel: the output and the straight-through mask.
+std::tuple<Tensor, Tensor> affine_forward(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                                          int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
+  const Tensor xd = laid_out(x, channels);
+  Tensor out = torch::empty_like(xd);
+  Tensor mask = torch::empty_like(xd);
+  const Tensor s = scale.contiguous();
+  const int64_t outer = xd.numel() / (channels * inner);
+  quantize_rows(xd.data_ptr<float>(), out.data_ptr<float>(), mask.data_ptr<float>(), s.data_ptr<float>(),
+                integers(zero_point), outer, channels, inner, qmin, qmax);
+  return {out, mask};
+}
 
-struct LSQFakeQuant : public torch::autograd::Function<LSQFakeQuant> {
-  // s·clamp(round(x/s)); the step's gradient is Σ grad·(code - x/s) inside the range, Σ grad·code outside,
-  // times grad_factor, per channel of (outer, channels, inner). The forward writes only the output; the
-  // backward recomputes code and range from the saved input (less memory traffic than saving two masks).
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, double grad_factor,
-                        int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
-    const Tensor xd = laid_out(x, channels);
-    Tensor out = torch::empty_like(xd);
-    const Tensor s = scale.detach().contiguous();
-    const float* ps = s.data_ptr<float>();
-    const float* px = xd.data_ptr<float>();
-    float* po = out.data_ptr<float>();
-    const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-    const int64_t outer = xd.numel() / (channels * inner);
-    for_segments(outer * channels, inner, [&](int64_t row, int64_t begin, int64_t end) {
+// The same without autograd (inference mode): the output only.
+Tensor affine_fake_quant_cpu(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t channels,
+                             int64_t inner, int64_t qmin, int64_t qmax) {
+  return std::get<0>(affine_forward(x, scale, zero_point, channels, inner, qmin, qmax));
+}
+
+// LSQ's forward s·clamp(round(x/s)) per channel of (outer, channels, inner). With check (the step learns), the same
+// pass checks the input: the output would hide an Inf (clamped to qmax) and the step's gradient would turn a NaN
+// into a NaN step.
+Tensor lsq_forward(const Tensor& x, const Tensor& scale, int64_t channels, int64_t inner, int64_t qmin, int64_t qmax,
+                   bool check) {
+  const Tensor xd = laid_out(x, channels);
+  Tensor out = torch::empty_like(xd);
+  const Tensor s = scale.detach().contiguous();
+  const float* ps = s.data_ptr<float>();
+  const float* px = xd.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const int64_t outer = xd.numel() / (channels * inner);
+  std::atomic<bool> bad{false};
+  for_segments(outer * channels, inner, [&](int64_t row, int64_t begin, int64_t end) {
+    const float sc = ps[row % channels];
+    int ok = 1;
+    for (int64_t i = begin; i < end; ++i) {
+      po[i] = std::min(std::max(std::nearbyint(px[i] / sc), lo), hi) * sc;
+      ok &= static_cast<int>(std::fabs(px[i]) <= kMax);
+    }
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  });
+  TORCH_CHECK_VALUE(!check || !bad.load(), kNonFinite);
+  return out;
+}
+
+// LSQ's backward: grad_x (the gradient inside the range) and the step's gradient Σ grad·(code - x/s) inside the
+// range, Σ grad·code outside, times grad_factor, per channel. Summed in fixed segments: deterministic.
+std::tuple<Tensor, Tensor> lsq_backward(const Tensor& grad_out, const Tensor& x, const Tensor& scale,
+                                        double grad_factor, int64_t channels, int64_t inner, int64_t qmin,
+                                        int64_t qmax) {
+  const Tensor xd = laid_out(x, channels);
+  const int64_t rows = xd.numel() / inner;
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const Tensor s = scale.detach().contiguous();
+  const Tensor grad = grad_out.contiguous(xd.suggest_memory_format());
+  Tensor grad_x = torch::empty_like(xd);
+  constexpr int64_t kSegment = 4096;
+  const int64_t per_row = (inner + kSegment - 1) / kSegment;
+  std::vector<double> partial(rows * per_row, 0.0);
+  const float *px = xd.data_ptr<float>(), *pg = grad.data_ptr<float>(), *ps = s.data_ptr<float>();
+  float* pgx = grad_x.data_ptr<float>();
+  at::parallel_for(0, rows * per_row, std::max<int64_t>(1, kGrain / kSegment), [&](int64_t first, int64_t last) {
+    for (int64_t seg = first; seg < last; ++seg) {
+      const int64_t row = seg / per_row;
+      const int64_t begin = row * inner + (seg % per_row) * kSegment;
+      const int64_t end = std::min(begin + kSegment, (row + 1) * inner);
       const float sc = ps[row % channels];
-      for (int64_t i = begin; i < end; ++i) po[i] = std::min(std::max(std::nearbyint(px[i] / sc), lo), hi) * sc;
-    });
-    ctx->save_for_backward({xd, scale});
-    ctx->saved_data["grad_factor"] = grad_factor;
-    ctx->saved_data["shape"] = std::vector<int64_t>{outer, channels, inner, qmin, qmax};
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto shape = ctx->saved_data["shape"].toIntVector();
-    const int64_t channels = shape[1], inner = shape[2], rows = shape[0] * shape[1];
-    const float lo = static_cast<float>(shape[3]), hi = static_cast<float>(shape[4]);
-    const Tensor& xd = saved[0];
-    const Tensor s = saved[1].detach().contiguous();
-    const Tensor grad = grads[0].contiguous(xd.suggest_memory_format());
-    Tensor grad_x = torch::empty_like(xd);
-    // fixed segments of at most kSegment elements within a row, each summed on its own: deterministic
-    constexpr int64_t kSegment = 4096;
-    const int64_t per_row = (inner + kSegment - 1) / kSegment;
-    std::vector<double> partial(rows * per_row, 0.0);
-    const float *px = xd.data_ptr<float>(), *pg = grad.data_ptr<float>(), *ps = s.data_ptr<float>();
-    float* pgx = grad_x.data_ptr<float>();
-    at::parallel_for(0, rows * per_row, std::max<int64_t>(1, kGrain / kSegment), [&](int64_t first, int64_t last) {
-      for (int64_t seg = first; seg < last; ++seg) {
-        const int64_t row = seg / per_row;
-        const int64_t begin = row * inner + (seg % per_row) * kSegment;
-        const int64_t end = std::min(begin + kSegment, (row + 1) * inner);
-        const float sc = ps[row % channels];
-        float term[kSegment];  // grad·(code - v) inside the range, grad·code outside
-        const int64_t n = end - begin;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t i = begin + j;
-          const float v = px[i] / sc;
-          const float code = std::min(std::max(std::nearbyint(v), lo), hi);
-          const bool inside = v >= lo && v <= hi;
-          pgx[i] = inside ? pg[i] : 0.0f;
-          term[j] = pg[i] * (inside ? code - v : code);
-        }
-        float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // eight partial sums: one vector add
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-          for (int k = 0; k < 8; ++k) lanes[k] += term[j + k];
-        }
-        double sum = 0.0;
-        for (; j < n; ++j) sum += term[j];
-        for (float lane : lanes) sum += lane;
-        partial[seg] = sum;
+      float term[kSegment];  // grad·(code - v) inside the range, grad·code outside
+      const int64_t n = end - begin;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = begin + j;
+        const float v = px[i] / sc;
+        const float code = std::min(std::max(std::nearbyint(v), lo), hi);
+        const bool inside = v >= lo && v <= hi;
+        pgx[i] = inside ? pg[i] : 0.0f;
+        term[j] = pg[i] * (inside ? code - v : code);
       }
-    });
-    Tensor grad_step = torch::zeros({channels}, torch::kDouble);
-    double* pstep = grad_step.data_ptr<double>();
-    for (int64_t seg = 0; seg < rows * per_row; ++seg) pstep[(seg / per_row) % channels] += partial[seg];
-    grad_step = grad_step.mul_(ctx->saved_data["grad_factor"].toDouble()).to(torch::kFloat);
-    return {grad_x, grad_step, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-};
+      float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // eight partial sums: one vector add
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) {
+        for (int k = 0; k < 8; ++k) lanes[k] += term[j + k];
+      }
+      double sum = 0.0;
+      for (; j < n; ++j) sum += term[j];
+      for (float lane : lanes) sum += lane;
+      partial[seg] = sum;
+    }
+  });
+  Tensor grad_step = torch::zeros({channels}, torch::kDouble);
+  double* pstep = grad_step.data_ptr<double>();
+  for (int64_t seg = 0; seg < rows * per_row; ++seg) pstep[(seg / per_row) % channels] += partial[seg];
+  grad_step = grad_step.mul_(grad_factor).to(torch::kFloat).reshape(scale.sizes());
+  return {grad_x, grad_step};
+}
 
-// Per-tensor observer step (mode 0 running min-max, 1 EMA, 2 a fresh range for weights) and the new scale
-// and zero point, written to the buffers.
-void observe_per_tensor(const Tensor& x, Tensor& min_val, Tensor& max_val, Tensor& count, Tensor& scale,
-                        Tensor& zero_point, int64_t mode, double momentum, bool has_range, int64_t qmin, int64_t qmax,
-                        bool symmetric) {
+// LSQ without autograd (inference mode).
+Tensor lsq_fake_quant_cpu(const Tensor& x, const Tensor& scale, double grad_factor, int64_t channels, int64_t inner,
+                          int64_t qmin, int64_t qmax, bool check) {
+  return lsq_forward(x, scale, channels, inner, qmin, qmax, check);
+}
+
+// Per-tensor observer step (mode 0 running min-max, 1 EMA, 2 a fresh range for weights) and the new scale and zero
+// point, written to the buffers; a non-finite input raises before anything is written.
+void observe_per_tensor(const Tensor& x, const Tensor& min_val, const Tensor& max_val, const Tensor& count,
+                        const Tensor& scale, const Tensor& zero_point, int64_t mode, double momentum, bool has_range,
+                        int64_t qmin, int64_t qmax, bool symmetric) {
   const auto [lo_t, hi_t] = at::aminmax(x.detach());
   float lo = lo_t.item<float>(), hi = hi_t.item<float>();
+  TORCH_CHECK_VALUE(finite(lo) && finite(hi), kNonFinite);
   float* pmin = min_val.data_ptr<float>();
   float* pmax = max_val.data_ptr<float>();
   if (mode != 2 && has_range) {
@@ -208,52 +232,163 @@ void observe_per_tensor(const Tensor& x, Tensor& min_val, Tensor& max_val, Tenso
       hi = pmax[0] + w * (hi - pmax[0]);
     }
   }
+  const auto [s, zp] = qparams(lo, hi, qmin, qmax, symmetric);
   pmin[0] = lo;
   pmax[0] = hi;
   int64_t* pcount = count.data_ptr<int64_t>();
   pcount[0] = mode == 2 ? 1 : pcount[0] + 1;
-  const auto [s, zp] = qparams(lo, hi, qmin, qmax, symmetric);
   scale.data_ptr<float>()[0] = s;
   if (!symmetric) zero_point.data_ptr<int32_t>()[0] = static_cast<int32_t>(zp);
 }
 
-// An observer quantizer's step on one tensor: observe it (mode >= 0; -1: ranges frozen), then fake-quantize
-// it with the buffers' scale and zero point.
-Tensor per_tensor_step(const Tensor& x, Tensor min_val, Tensor max_val, Tensor count, Tensor scale, Tensor zero_point,
-                       int64_t mode, double momentum, bool has_range, int64_t qmin, int64_t qmax, bool symmetric) {
-  if (mode >= 0) {
-    observe_per_tensor(x, min_val, max_val, count, scale, zero_point, mode, momentum, has_range, qmin, qmax, symmetric);
-  }
-  return AffineFakeQuant::apply(x, scale, zero_point, 1, x.numel(), qmin, qmax);
+// Symmetric signed per-channel weights (axis 0): each row's min and max into the observer's buffers and the row's
+// scale max(-min, max) / ((qmax - qmin) / 2); a non-finite row raises before anything is written.
+void observe_rows_symmetric(const Tensor& w, const Tensor& min_val, const Tensor& max_val, const Tensor& scale,
+                            int64_t qmin, int64_t qmax) {
+  const Tensor rows = w.detach().reshape({w.size(0), -1});
+  const Tensor lo = at::amin(rows, 1), hi = at::amax(rows, 1);
+  const float* plo = lo.data_ptr<float>();
+  const float* phi = hi.data_ptr<float>();
+  for (int64_t c = 0; c < lo.numel(); ++c) TORCH_CHECK_VALUE(finite(plo[c]) && finite(phi[c]), kNonFinite);
+  min_val.copy_(lo);
+  max_val.copy_(hi);
+  float* ps = scale.data_ptr<float>();
+  for (int64_t c = 0; c < scale.numel(); ++c) ps[c] = qparams(plo[c], phi[c], qmin, qmax, true).first;
 }
 
-// Symmetric signed per-channel weights (axis 0): with observe, each row's min and max into the observer's
-// buffers and the row's scale max(-min, max) / ((qmax - qmin) / 2); then the fake-quantized weight.
-Tensor rows_symmetric_step(const Tensor& w, Tensor min_val, Tensor max_val, Tensor scale, Tensor zero_point,
-                           bool observe, int64_t qmin, int64_t qmax) {
-  if (observe) {
-    const Tensor rows = w.detach().reshape({w.size(0), -1});
-    at::amin_out(min_val, rows, 1);
-    at::amax_out(max_val, rows, 1);
-    const float* pmin = min_val.data_ptr<float>();
-    const float* pmax = max_val.data_ptr<float>();
-    float* ps = scale.data_ptr<float>();
-    for (int64_t c = 0; c < scale.numel(); ++c) ps[c] = qparams(pmin[c], pmax[c], qmin, qmax, true).first;
-  }
-  return AffineFakeQuant::apply(w, scale, zero_point, w.size(0), w.numel() / w.size(0), qmin, qmax);
+// ---- operator handles and autograd ------------------------------------------------------------------------------
+
+using AffineForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
+                                                   int64_t, int64_t);
+using AffineFn = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t);
+using LSQForwardFn = Tensor(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t, bool);
+using LSQBackwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, int64_t,
+                                                 int64_t, int64_t, int64_t);
+using LSQFn = Tensor(const Tensor&, const Tensor&, double, int64_t, int64_t, int64_t, int64_t, bool);
+using ObserveFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                       int64_t, double, bool, int64_t, int64_t, bool);
+using ObserveRowsFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
-Tensor affine_fake_quant(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t channels,
-                         int64_t inner, int64_t qmin, int64_t qmax) {
+struct AffineFakeQuant : public torch::autograd::Function<AffineFakeQuant> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                        int64_t channels, int64_t inner, int64_t qmin, int64_t qmax) {
+    static const auto forward_op = op<AffineForwardFn>("lightning_quant::affine_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mask] = forward_op.call(x, scale, zero_point, channels, inner, qmin, qmax);
+    ctx->save_for_backward({mask});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor mask = ctx->get_saved_variables()[0];
+    return {grads[0] * mask, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct LSQFakeQuant : public torch::autograd::Function<LSQFakeQuant> {
+  // The forward writes only the output; the backward recomputes code and range from the saved input.
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, double grad_factor,
+                        int64_t channels, int64_t inner, int64_t qmin, int64_t qmax, bool check) {
+    static const auto forward_op = op<LSQForwardFn>("lightning_quant::lsq_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor out = forward_op.call(x, scale, channels, inner, qmin, qmax, check);
+    ctx->save_for_backward({x, scale});
+    ctx->saved_data["grad_factor"] = grad_factor;
+    ctx->saved_data["shape"] = std::vector<int64_t>{channels, inner, qmin, qmax};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op<LSQBackwardFn>("lightning_quant::lsq_backward");
+    const auto saved = ctx->get_saved_variables();
+    const auto p = ctx->saved_data["shape"].toIntVector();
+    auto [grad_x, grad_step] = backward_op.call(grads[0], saved[0], saved[1],
+                                                ctx->saved_data["grad_factor"].toDouble(), p[0], p[1], p[2], p[3]);
+    return {grad_x, grad_step, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor affine_fake_quant_autograd(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t channels,
+                                  int64_t inner, int64_t qmin, int64_t qmax) {
   return AffineFakeQuant::apply(x, scale, zero_point, channels, inner, qmin, qmax);
 }
 
+Tensor lsq_fake_quant_autograd(const Tensor& x, const Tensor& scale, double grad_factor, int64_t channels,
+                               int64_t inner, int64_t qmin, int64_t qmax, bool check) {
+  return LSQFakeQuant::apply(x, scale, grad_factor, channels, inner, qmin, qmax, check);
+}
+
+// ---- Python entry points: one call each, through the dispatcher ------------------------------------------------
+
+Tensor affine_fake_quant(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t channels,
+                         int64_t inner, int64_t qmin, int64_t qmax) {
+  static const auto affine_op = op<AffineFn>("lightning_quant::affine_fake_quant");
+  return affine_op.call(x, scale, zero_point, channels, inner, qmin, qmax);
+}
+
 Tensor lsq_fake_quant(const Tensor& x, const Tensor& scale, double grad_factor, int64_t channels, int64_t inner,
-                      int64_t qmin, int64_t qmax) {
-  return LSQFakeQuant::apply(x, scale, grad_factor, channels, inner, qmin, qmax);
+                      int64_t qmin, int64_t qmax, bool check) {
+  static const auto lsq_op = op<LSQFn>("lightning_quant::lsq_fake_quant");
+  return lsq_op.call(x, scale, grad_factor, channels, inner, qmin, qmax, check);
+}
+
+// An observer quantizer's step on one tensor: observe it (mode >= 0; -1: ranges frozen), then fake-quantize it
+// with the buffers' scale and zero point.
+Tensor per_tensor_step(const Tensor& x, const Tensor& min_val, const Tensor& max_val, const Tensor& count,
+                       const Tensor& scale, const Tensor& zero_point, int64_t mode, double momentum, bool has_range,
+                       int64_t qmin, int64_t qmax, bool symmetric) {
+  static const auto observe_op = op<ObserveFn>("lightning_quant::observe_per_tensor");
+  if (mode >= 0) {
+    observe_op.call(x, min_val, max_val, count, scale, zero_point, mode, momentum, has_range, qmin, qmax, symmetric);
+  }
+  return affine_fake_quant(x, scale, zero_point, 1, x.numel(), qmin, qmax);
+}
+
+// Symmetric signed per-channel weights (axis 0): observe (if asked), then the fake-quantized weight.
+Tensor rows_symmetric_step(const Tensor& w, const Tensor& min_val, const Tensor& max_val, const Tensor& scale,
+                           const Tensor& zero_point, bool observe, int64_t qmin, int64_t qmax) {
+  static const auto observe_op = op<ObserveRowsFn>("lightning_quant::observe_rows_symmetric");
+  if (observe) observe_op.call(w, min_val, max_val, scale, qmin, qmax);
+  return affine_fake_quant(w, scale, zero_point, w.size(0), w.numel() / w.size(0), qmin, qmax);
 }
 
 }  // namespace
+
+TORCH_LIBRARY(lightning_quant, m) {
+  m.def("affine_fake_quant(Tensor x, Tensor scale, Tensor zero_point, int channels, int inner, int qmin, int qmax)"
+        " -> Tensor");
+  m.def("affine_forward(Tensor x, Tensor scale, Tensor zero_point, int channels, int inner, int qmin, int qmax)"
+        " -> (Tensor, Tensor)");
+  m.def("lsq_fake_quant(Tensor x, Tensor scale, float grad_factor, int channels, int inner, int qmin, int qmax,"
+        " bool check) -> Tensor");
+  m.def("lsq_forward(Tensor x, Tensor scale, int channels, int inner, int qmin, int qmax, bool check) -> Tensor");
+  m.def("lsq_backward(Tensor grad, Tensor x, Tensor scale, float grad_factor, int channels, int inner, int qmin,"
+        " int qmax) -> (Tensor, Tensor)");
+  m.def("observe_per_tensor(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) count, Tensor(d!) scale,"
+        " Tensor(e!) zero_point, int mode, float momentum, bool has_range, int qmin, int qmax, bool symmetric) -> ()");
+  m.def("observe_rows_symmetric(Tensor w, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, int qmin,"
+        " int qmax) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lightning_quant, CPU, m) {
+  m.impl("affine_fake_quant", &affine_fake_quant_cpu);
+  m.impl("affine_forward", &affine_forward);
+  m.impl("lsq_fake_quant", &lsq_fake_quant_cpu);
+  m.impl("lsq_forward", &lsq_forward);
+  m.impl("lsq_backward", &lsq_backward);
+  m.impl("observe_per_tensor", &observe_per_tensor);
+  m.impl("observe_rows_symmetric", &observe_rows_symmetric);
+}
+
+TORCH_LIBRARY_IMPL(lightning_quant, Autograd, m) {
+  m.impl("affine_fake_quant", &affine_fake_quant_autograd);
+  m.impl("lsq_fake_quant", &lsq_fake_quant_autograd);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_fake_quant", &affine_fake_quant, "fake quantization with fixed qparams per channel");
