@@ -26,6 +26,25 @@ class QuantizedLayer(nn.Module):
     weight_quantizer: Optional[Quantizer]
     input_quantizer: Optional[Quantizer]
 
+    def first_call_pending(self) -> bool:
+        """Under ``torch.compile``, True while a quantizer of this layer has yet to initialise from data.
+
+        Initialisation decides Python state from the data (the code's sign, then the integer range), which would
+        break the graph inside the quantizer: every function between the layer and the break would then be compiled
+        on its own, once per layer that differs in a guard (rank, bits, requires_grad), until the recompile limit.
+        Instead the layer's first call runs eagerly (:meth:`eager_call`); from the next step on, the whole model is
+        one graph.
+        """
+        if not torch.compiler.is_compiling():
+            return False
+        found = [self._modules.get(k) for k in ("weight_quantizer", "input_quantizer", "output_quantizer")]
+        return any(isinstance(q, Quantizer) and not q._initialized for q in found)
+
+    @torch.compiler.disable
+    def eager_call(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward`` outside ``torch.compile`` (a layer's first call, see :meth:`first_call_pending`)."""
+        return self.forward(*args, **kwargs)  # type: ignore[operator]
+
     def weight_to_quantize(self) -> torch.Tensor:
         """The tensor the weight quantizer receives (the weight, or the weight with a BatchNorm folded in)."""
         return self.weight  # type: ignore[return-value]
@@ -56,6 +75,8 @@ class QuantLinear(QuantizedLayer, nn.Linear):
     float_class = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first_call_pending():
+            return self.eager_call(x)
         return self.quantized_output(F.linear(self.quantized_input(x), self.quantized_weight(), self.bias))
 
 
@@ -64,6 +85,8 @@ class _QuantConvNd(QuantizedLayer):
     bn_frozen: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first_call_pending():
+            return self.eager_call(x)
         xq = self.quantized_input(x)
         if self.folded_bn is None:
             return self.quantized_output(self._conv_forward(xq, self.quantized_weight(), self.bias))  # type: ignore[attr-defined]
@@ -141,6 +164,8 @@ class _QuantConvTransposeNd(QuantizedLayer):
     weight_axis = 1
 
     def forward(self, x: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        if self.first_call_pending():
+            return self.eager_call(x, output_size)
         dims = len(self.kernel_size)  # type: ignore[attr-defined]
         output_padding = self._output_padding(  # type: ignore[attr-defined]
             x,
@@ -189,6 +214,8 @@ class QuantEmbedding(QuantizedLayer, nn.Embedding):
     has_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first_call_pending():
+            return self.eager_call(x)
         y = F.embedding(
             x,
             self.quantized_weight(),

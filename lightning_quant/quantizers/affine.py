@@ -54,11 +54,11 @@ class ObserverQuantizer(Quantizer):
         self.register_buffer("codes", torch.zeros(0, dtype=torch.int8))  # fixed integer weight codes, if set
         self.drop_prob = 0.0
         self.rounding: Optional[nn.Module] = None  # AdaRound while it is being learned
-        self.observer.owner = self.qualname
+        self.observer.qualname = self.qualname
 
     def set_qualname(self, name: str) -> None:
         super().set_qualname(name)
-        self.observer.owner = name  # the observer checks the ranges it computes and names its quantizer
+        self.observer.qualname = name  # the observer checks the ranges it computes and names its quantizer
 
     # -- post-training extras ------------------------------------------------------------------------------
     def learn_scale(self, enable: bool) -> None:
@@ -148,14 +148,14 @@ class ObserverQuantizer(Quantizer):
                     x, *buffers, mode, momentum, obs.has_range, self.qmin, self.qmax, self.symmetric
                 )
             except ValueError as err:  # the kernel's check of the range, before it wrote anything
-                raise NonFiniteInputError(message(self.qualname)) from err
+                raise NonFiniteInputError(message(self)) from err
             if observing:
                 obs.mark_observed()
             return out
         if observing:
             lo_t, hi_t = torch.aminmax(x.detach())
             lo, hi = np.float32(lo_t.item()), np.float32(hi_t.item())
-            check_floats(lo, hi, self.qualname)
+            check_floats(lo, hi, self)
             lo, hi = obs.update_floats(lo, hi, reset=self.role == "weight")
             scale, zero_point = qparams_from_floats(lo, hi, self.qmin, self.qmax, self.symmetric)
             self.scale.fill_(float(scale))
@@ -177,11 +177,11 @@ class ObserverQuantizer(Quantizer):
             try:
                 return fused.rows_symmetric_step(w, *buffers, observing, self.qmin, self.qmax)
             except ValueError as err:  # the kernel's check of the ranges, before it wrote anything
-                raise NonFiniteInputError(message(self.qualname)) from err
+                raise NonFiniteInputError(message(self)) from err
         if observing:
             rows = w.detach().reshape(w.shape[0], -1)
             lo, hi = torch.amin(rows, dim=1), torch.amax(rows, dim=1)
-            check_range(lo, hi, self.qualname)
+            check_range(lo, hi, self)
             obs.min_val.copy_(lo)
             obs.max_val.copy_(hi)
             self.update_qparams()
@@ -196,7 +196,7 @@ class ObserverQuantizer(Quantizer):
             # reduced as the tensor lies in memory: under torch.compile a flattened view of a channels-last
             # activation is gathered element by element (ResNet-20: 1.12x a float step instead of 0.99x)
             lo, hi = tensor_aminmax(x)
-            check_range(lo, hi, self.qualname)
+            check_range(lo, hi, self)
             self.observer.update(lo, hi)
         else:
             self.observer(self.rows(x))

@@ -106,7 +106,7 @@ class Quantizer(OptionalStateModule):
             return x
         self._see(x, always=False)
         if self._parameters and self.training:  # learned state: a NaN would reach it through the gradient
-            check_tensor(x, self.qualname)
+            check_tensor(x, self)
         return self.quantize(x)
 
     def _see(self, x: torch.Tensor, always: bool) -> None:
@@ -116,7 +116,7 @@ class Quantizer(OptionalStateModule):
         change during calibration, so its first observation stands.
         """
         if not self._initialized:
-            check_tensor(x, self.qualname)  # once, before the sign and the range are set from x
+            check_tensor(x, self)  # once, before the sign and the range are set from x
             with torch.no_grad():
                 if self._auto_sign:
                     self.set_signed(bool((x < 0).any()))

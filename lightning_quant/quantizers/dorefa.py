@@ -34,14 +34,14 @@ class DoReFaQuantizer(Quantizer):
             t = torch.tanh(x)
             t = t / (2 * t.detach().abs().max().clamp_min(1e-8)) + 0.5
             return 2 * _q(t, k) - 1
-        if bool(self.signed):
+        if self.qmin < 0:  # signed (a Python value: no tensor read, so no graph break under torch.compile)
             return 2 * _q((torch.clamp(x, -1, 1) + 1) / 2, k) - 1
         return _q(torch.clamp(x, 0, 1), k)
 
     def scale_values(self) -> torch.Tensor:
         levels = 2**self.bits - 1
-        return torch.full((1,), (2.0 if self.role == "weight" or bool(self.signed) else 1.0) / levels)
+        return torch.full((1,), (2.0 if self.role == "weight" or self.qmin < 0 else 1.0) / levels)
 
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = -1.0 if self.role == "weight" or bool(self.signed) else 0.0
+        lo = -1.0 if self.role == "weight" or self.qmin < 0 else 0.0
         return torch.tensor([lo]), torch.tensor([1.0])

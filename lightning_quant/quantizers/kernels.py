@@ -250,7 +250,7 @@ def lsq_fake_quant(
     qmin: int,
     qmax: int,
     axis: Optional[int],
-    owner: str = "an LSQ quantizer",
+    owner: Any = "an LSQ quantizer",
 ) -> torch.Tensor:
     """LSQ fake quantization ``s·clamp(round(x/s))`` with the step gradient scaled by ``grad_factor``.
 

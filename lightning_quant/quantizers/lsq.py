@@ -53,11 +53,11 @@ class LSQQuantizer(Quantizer):
         if self.offset is None and kernels.applies(x):
             axis = None if self.granularity == "per_tensor" else self.axis
             if self.granularity == "per_group":
-                out = kernels.lsq_fake_quant(self.rows(x), self.scale, g, self.qmin, self.qmax, 0, self.qualname)
+                out = kernels.lsq_fake_quant(self.rows(x), self.scale, g, self.qmin, self.qmax, 0, self)
                 return out.reshape(x.shape)
-            return kernels.lsq_fake_quant(x, self.scale, g, self.qmin, self.qmax, axis, self.qualname)
+            return kernels.lsq_fake_quant(x, self.scale, g, self.qmin, self.qmax, axis, self)
         if self.training:  # a NaN input would make the learned step NaN through its gradient
-            check_tensor(x, self.qualname)
+            check_tensor(x, self)
 
         def fq(v: torch.Tensor) -> torch.Tensor:
             s = self.per_group(grad_scale(self.scale, g), v)

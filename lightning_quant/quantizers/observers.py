@@ -46,7 +46,7 @@ class Observer(OptionalStateModule):
 
     ``plain_range`` observers use each batch's plain minimum and maximum, so a per-tensor range can be taken
     from the tensor as it is (:meth:`update`) instead of from a flattened view. Every range is checked before it
-    is merged: a NaN or Inf input raises a ``NonFiniteInputError`` naming ``owner`` (the quantizer) and leaves
+    is merged: a NaN or Inf input raises a ``NonFiniteInputError`` naming ``qualname`` (its quantizer) and leaves
     the buffers as they were.
     """
 
@@ -59,7 +59,7 @@ class Observer(OptionalStateModule):
         self.register_buffer("max_val", torch.full((num_groups,), float("-inf")))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self._has_range = False  # Python copy of count > 0: no tensor-to-bool sync (nor graph break) per step
-        self.owner = f"an unnamed {type(self).__name__}"  # the quantizer's name, set by it
+        self.qualname = f"an unnamed {type(self).__name__}"  # the quantizer's name, set by it
 
     @property
     def has_range(self) -> bool:
@@ -90,7 +90,7 @@ class Observer(OptionalStateModule):
     def checked_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`batch_range`, refused if not finite (a NaN or Inf in ``rows`` makes it so)."""
         lo, hi = self.batch_range(rows)
-        check_range(lo, hi, self.owner)
+        check_range(lo, hi, self)
         return lo, hi
 
     @torch.no_grad()
@@ -211,7 +211,7 @@ class PercentileObserver(Observer):
         self.percentile = percentile
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_range(*row_aminmax(rows), self.owner)  # a percentile can step over an Inf: check all of rows
+        check_range(*row_aminmax(rows), self)  # a percentile can step over an Inf: check all of rows
         rows = _sample(rows.detach().float())
         q = self.percentile / 100.0
         hi = torch.quantile(rows, q, dim=1)
@@ -251,7 +251,7 @@ class MSEObserver(Observer):
             return
         rows = rows.detach().float()
         lo, hi = row_aminmax(rows)
-        check_range(lo, hi, self.owner)
+        check_range(lo, hi, self)
         per_batch = max(1, _MAX_SEARCH // 16)  # about 16 batches' worth of samples fill the budget
         step = max(1, math.ceil(rows.shape[1] / per_batch))
         self._kept.append(rows[:, ::step])
@@ -337,7 +337,7 @@ class HistogramObserver(Observer):
     def forward(self, rows: torch.Tensor) -> None:
         flat = rows.detach().float().reshape(-1)
         lo, hi = torch.aminmax(flat)
-        check_range(lo, hi, self.owner)
+        check_range(lo, hi, self)
         flat = flat[:: max(1, math.ceil(flat.numel() / _MAX_HIST))]  # an evenly strided sample feeds the histogram
         bound = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8)
         if self.has_range:

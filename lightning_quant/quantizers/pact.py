@@ -32,7 +32,7 @@ class PACTQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha.abs()
-        if bool(self.signed):
+        if self.qmin < 0:  # signed (a Python value: no graph break under torch.compile)
             y = torch.minimum(torch.maximum(x, -alpha), alpha)
         else:
             y = torch.minimum(torch.relu(x), alpha)
