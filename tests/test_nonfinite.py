@@ -15,18 +15,18 @@ from lightning_quant.quantizers import QuantizerConfig, native
 from lightning_quant.quantizers.finite import NonFiniteInputError
 
 FAMILIES = {  # (weights, activations) per quantizer family
-    "minmax": (dict(method="observer"), dict(method="observer")),
-    "minmax-per-channel": (dict(method="observer", granularity="per_channel"), dict(method="observer")),
-    "ema-asymmetric": (dict(method="observer"), dict(method="observer", observer="ema", symmetric=False)),
-    "percentile": (dict(method="observer", observer="percentile"), dict(method="observer", observer="percentile")),
-    "mse": (dict(method="observer", observer="mse"), dict(method="observer", observer="mse")),
-    "kl": (dict(method="observer"), dict(method="observer", observer="kl")),
-    "lsq": (dict(method="lsq", granularity="per_channel"), dict(method="lsq")),
-    "lsq+": (dict(method="lsq"), dict(method="lsq", learn_offset=True)),
-    "pact": (dict(method="lsq"), dict(method="pact")),
-    "dsq": (dict(method="dsq"), dict(method="dsq")),
-    "dorefa": (dict(method="dorefa"), dict(method="dorefa")),
-    "rsign": (dict(method="xnor"), dict(method="rsign")),
+    "minmax": ({"method": "observer"}, {"method": "observer"}),
+    "minmax-per-channel": ({"method": "observer", "granularity": "per_channel"}, {"method": "observer"}),
+    "ema-asymmetric": ({"method": "observer"}, {"method": "observer", "observer": "ema", "symmetric": False}),
+    "percentile": ({"method": "observer", "observer": "percentile"}, {"method": "observer", "observer": "percentile"}),
+    "mse": ({"method": "observer", "observer": "mse"}, {"method": "observer", "observer": "mse"}),
+    "kl": ({"method": "observer"}, {"method": "observer", "observer": "kl"}),
+    "lsq": ({"method": "lsq", "granularity": "per_channel"}, {"method": "lsq"}),
+    "lsq+": ({"method": "lsq"}, {"method": "lsq", "learn_offset": True}),
+    "pact": ({"method": "lsq"}, {"method": "pact"}),
+    "dsq": ({"method": "dsq"}, {"method": "dsq"}),
+    "dorefa": ({"method": "dorefa"}, {"method": "dorefa"}),
+    "rsign": ({"method": "xnor"}, {"method": "rsign"}),
 }
 
 
