@@ -59,13 +59,13 @@ def _deep() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(32, 10))
 
 
-@pytest.mark.parametrize("method", ["lsq", "pact"])
+@pytest.mark.parametrize("method", ["observer", "pact"])
 def test_compiled_qat_forward_stays_under_the_recompile_limit(method):
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = _deep()
-    first_last = QuantizerConfig(method="lsq" if method == "pact" else method, bits=4)
-    quantize_model(net, first_last, QuantizerConfig(method=method, bits=4))
+    weights = QuantizerConfig(method="observer" if method == "pact" else method, bits=4)
+    quantize_model(net, weights, QuantizerConfig(method=method, bits=4))
     net[0].weight_quantizer.bits = 8  # layers that differ in a guard (bits, rank, requires_grad) share code objects
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
