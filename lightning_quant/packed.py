@@ -169,7 +169,11 @@ def _packed_in_place(model: nn.Module) -> Iterator[nn.Module]:
 
 def pack_program(model: nn.Module, example_input: Any) -> Any:
     """The ``torch.export`` program of ``model`` with packed binary/ternary layers (every input dim dynamic)."""
-    args = _cpu_args(example_input)
+    # a batch of 1 would be specialised (export fixes dimensions of size 1): trace with two copies of the sample
+    args = tuple(
+        torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
+        for a in _cpu_args(example_input)
+    )
     was_training = model.training
     model.eval()
     try:

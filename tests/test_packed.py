@@ -2,6 +2,7 @@
 loaded without pickle), ternary weights export to ONNX and .pt2, and what a recipe attaches to a layer is carried
 or refused by name."""
 
+import copy
 import io
 import subprocess
 import sys
@@ -32,11 +33,23 @@ def mlp() -> nn.Sequential:
 
 
 def _train(recipe: str, net: nn.Module) -> ImageClassifier:
+    """``net`` after a few training batches under ``Binarization(recipe)`` on digits, in eval mode."""
     pl.seed_everything(0)
     model = ImageClassifier(net, optimizer="adam", lr=5e-3, epochs=1)
-    trainer = quiet_trainer([Binarization(recipe, ["diagnostics.summary=false"])], max_epochs=1, limit_train_batches=6)
-    trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=None)
+    callback = Binarization(recipe, ["diagnostics.summary=false"])
+    trainer = quiet_trainer([callback], max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    trainer.fit(model, datamodule=DigitsDataModule())
     return model.eval()
+
+
+_TRAINED: dict[str, ImageClassifier] = {}
+
+
+def trained(recipe: str) -> ImageClassifier:
+    """The MLP trained under ``recipe`` (trained once per test session; each caller gets its own copy)."""
+    if recipe not in _TRAINED:
+        _TRAINED[recipe] = _train(recipe, mlp())
+    return copy.deepcopy(_TRAINED[recipe])
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +59,9 @@ def images() -> torch.Tensor:
     return torch.cat([x for x, _ in dm.test_dataloader()])
 
 
-@pytest.fixture(scope="module", params=BINARY_RECIPES)
-def trained(request) -> tuple[str, ImageClassifier]:
-    return request.param, _train(request.param, mlp())
-
-
-def test_every_binary_recipe_round_trips_through_the_packed_format_exactly(trained, images, tmp_path):
-    recipe, model = trained
+@pytest.mark.parametrize("recipe", BINARY_RECIPES)
+def test_every_binary_recipe_round_trips_through_the_packed_format_exactly(recipe, images, tmp_path):
+    model = trained(recipe)
     path = export(model, images[:4], tmp_path / f"{recipe}.packed")
     packed = load_packed(path)
     with torch.no_grad():
@@ -70,13 +79,13 @@ def test_every_binary_recipe_round_trips_through_the_packed_format_exactly(train
 
 
 def test_reactnet_carries_rprelu_and_rsign_shift_into_the_packed_model(images, tmp_path):
-    model = _train("reactnet", mlp())
+    model = trained("reactnet")
     layer = quantized_layers(model)[0][1]
     with torch.no_grad():  # trained values would be close to the init: make them matter
         layer.rprelu.gamma.normal_(0, 0.5)
         layer.rprelu.zeta.normal_(0, 0.5)
         layer.input_quantizer.shift.normal_(0, 0.5)
-    packed = load_packed(export(model, images[:4], tmp_path / "reactnet.packed"))
+    packed = load_packed(export(model, images[:1], tmp_path / "reactnet.packed"))  # batch 1: stays dynamic
     state = packed.state_dict()
     assert any(k.endswith("rprelu.gamma") for k in state) and any(k.endswith("input_quantizer.shift") for k in state)
     with torch.no_grad():
@@ -86,7 +95,7 @@ def test_reactnet_carries_rprelu_and_rsign_shift_into_the_packed_model(images, t
 @pytest.mark.parametrize("fmt", ["packed", "onnx", "torch"])
 @pytest.mark.parametrize("attach", ["forward_hook", "pre_hook", "submodule", "quantizer_hook"])
 def test_unknown_attachments_on_quantized_layers_are_refused_with_the_layer_named(fmt, attach, images, tmp_path):
-    model = _train("twn" if fmt != "packed" else "bnn", mlp())
+    model = trained("twn" if fmt != "packed" else "reactnet")
     name, layer = quantized_layers(model)[0]
     if attach == "forward_hook":
         layer.register_forward_hook(lambda m, a, y: y * 2)
@@ -106,7 +115,7 @@ def test_ternary_weights_export_to_onnx_torch_and_packed(recipe, images, tmp_pat
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (the .pt2 program's dequantize ops)
 
     ort = pytest.importorskip("onnxruntime")
-    model = _train(recipe, mlp())
+    model = trained(recipe)
     with torch.no_grad():
         ref = model(images)
     layer = quantized_layers(model)[0][1]
@@ -123,10 +132,10 @@ def test_ternary_weights_export_to_onnx_torch_and_packed(recipe, images, tmp_pat
     import onnx
 
     proto = onnx.load(str(onnx_path))
-    codes = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert len(codes) == 2
-    values = set(onnx.numpy_helper.to_array(codes[0]).reshape(-1).tolist())
-    assert values <= {-1, 0, 1} and len(values) == 3
+    codes = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    codes = [set(c.reshape(-1).tolist()) for c in codes if c.size == layer.weight.numel()]
+    assert len(codes) == (2 if recipe == "twn" else 4)  # TTQ: positive and negative codes, each with its scale
+    assert all(c <= {-1, 0, 1} for c in codes) and set().union(*codes) == {-1, 0, 1}
     program = torch.export.load(str(pt2_path))
     with torch.no_grad():
         assert torch.equal(program.module()(images), ref)
@@ -194,7 +203,7 @@ def _rewrite(src, dst, change):
 
 @pytest.mark.parametrize("where", ["sample_inputs", "weight_config"])
 def test_load_packed_refuses_pickled_payloads_and_runs_nothing(where, images, tmp_path, monkeypatch):
-    model = _train("bnn", mlp())
+    model = trained("bnn")
     good = export(model, images[:4], tmp_path / "good.packed")
     marker = tmp_path / "marker"
     monkeypatch.setenv("LQ_MARKER", str(marker))
@@ -215,3 +224,11 @@ def test_load_packed_refuses_pickled_payloads_and_runs_nothing(where, images, tm
     with pytest.raises(ExportError, match="not allowed"):
         load_packed(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", ["onnx", "pt2"])
+def test_reactnet_to_onnx_or_pt2_is_refused_naming_its_rprelu(suffix, images, tmp_path):
+    model = trained("reactnet")
+    name = quantized_layers(model)[0][0]
+    with pytest.raises(ExportError, match=f"'{name}': submodule 'rprelu' \\(RPReLU, ReActNet's RPReLU; export with"):
+        export(model, images[:4], tmp_path / f"m.{suffix}")

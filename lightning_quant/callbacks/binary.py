@@ -33,16 +33,18 @@ class SignInputWatch:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.negative: dict[str, bool] = {}
+        self.seen: set[str] = set()
         self._handles: list[RemovableHandle] = []
         for name, layer in quantized_layers(model):
             q = layer.input_quantizer
-            if isinstance(q, BinaryQuantizer) and q.fake_quant_enabled:
+            if isinstance(q, BinaryQuantizer):
                 self.negative[name] = False
                 self._handles.append(q.register_forward_pre_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Any:
         def record(q: torch.nn.Module, args: tuple) -> None:
             if q.training and not self.negative[name] and isinstance(args[0], torch.Tensor):
+                self.seen.add(name)
                 self.negative[name] = bool((args[0].detach() < 0).any())
 
         return record
@@ -52,7 +54,7 @@ class SignInputWatch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        return [name for name, seen in self.negative.items() if not seen]
+        return [name for name, negative in self.negative.items() if name in self.seen and not negative]
 
 
 class Binarization(QuantizationAwareTraining):
