@@ -155,6 +155,11 @@ def _packed_in_place(model: nn.Module) -> Iterator[nn.Module]:
                 packed = PackedBinaryLayer(layer, name)
                 swaps.append((name, layer))
                 _replace(model, name, packed)
+            elif any(q.fake_quant_enabled for q in layer.modules() if isinstance(q, Quantizer)):
+                raise ExportError(
+                    f"'{name}': {type(layer.weight_quantizer).__name__} weights are neither binary nor ternary; the "
+                    "packed format holds binary/ternary layers and float ones (export this model with format='onnx')"
+                )
         if not swaps:
             raise ExportError(f"{type(model).__name__} has no binary or ternary weight layer to pack")
         for name, module in list(model.named_modules()):

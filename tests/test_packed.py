@@ -232,3 +232,13 @@ def test_reactnet_to_onnx_or_pt2_is_refused_naming_its_rprelu(suffix, images, tm
     name = quantized_layers(model)[0][0]
     with pytest.raises(ExportError, match=f"'{name}': submodule 'rprelu' \\(RPReLU, ReActNet's RPReLU; export with"):
         export(model, images[:4], tmp_path / f"m.{suffix}")
+
+
+def test_packed_format_refuses_a_layer_it_cannot_pack(images, tmp_path):
+    model = trained("bnn")
+    name, layer = quantized_layers(model)[0]
+    from lightning_quant.quantizers import QuantizerConfig, build_quantizer
+
+    layer.weight_quantizer = build_quantizer(QuantizerConfig(method="lsq", bits=4), "weight")
+    with pytest.raises(ExportError, match=f"'{name}': LSQQuantizer weights are neither binary nor ternary"):
+        export(model, images[:4], tmp_path / "m.packed")
