@@ -189,12 +189,26 @@ def pack_program(model: nn.Module, example_input: Any) -> Any:
 
 
 def save_packed(model: nn.Module, example_input: Any, path: Union[str, Path]) -> Path:
-    """Save ``model`` in the packed format: its :func:`pack_program`, written with ``torch.export.save``."""
+    """Save ``model`` in the packed format: its :func:`pack_program`, written with ``torch.export.save``.
+
+    The program keeps only what it needs to run: no per-node source traces (most of the graph file, and the
+    user's file paths) and no example inputs; its JSON entries are compressed (the tensors stay stored as is).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = pack_program(model, example_input)
-    with open(path, "wb") as f:  # a file object: torch.export.save names files by suffix (.pt2) otherwise
-        torch.export.save(program, f)
+    for node in program.graph.nodes:
+        for key in ("stack_trace", "torch_fn", "source_fn_stack", "nn_module_stack"):
+            node.meta.pop(key, None)
+    program.example_inputs = None
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            deflate = info.filename.endswith(".json")
+            target.writestr(
+                info.filename, source.read(info), zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+            )
     return path
 
 
@@ -206,31 +220,34 @@ _ENTRY = re.compile(
 
 
 def check_archive(path: Union[str, Path]) -> None:
-    """Refuse an archive that ``torch.export.load`` would unpickle from, or that holds anything else than one
-    program's graph, raw tensors and example inputs (e.g. compiled libraries)."""
+    """Refuse an archive that ``torch.export.load`` would unpickle from (pickled tensors or objects, example
+    inputs), or that holds anything else than one program's graph and raw tensors (e.g. compiled libraries)."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         raise ExportError(f"{str(path)!r} is not a packed model (a torch.export archive): {err}") from err
     with archive:
         names = archive.namelist()
-        for name in names:
-            if not _ENTRY.fullmatch(name):
-                raise ExportError(f"{str(path)!r}: entry {name!r} is not allowed in a packed model")
+        if len(set(names)) != len(names):
+            raise ExportError(f"{str(path)!r}: repeated entry names are not allowed in a packed model")
+        for info in archive.infolist():
+            if not _ENTRY.fullmatch(info.filename):
+                raise ExportError(f"{str(path)!r}: entry {info.filename!r} is not allowed in a packed model")
+            if info.file_size > 64 * info.compress_size + (1 << 20):
+                raise ExportError(f"{str(path)!r}: entry {info.filename!r} expands {info.file_size} bytes, not allowed")
         for name in names:
             if name.endswith("_config.json"):
-                for key, entry in json.loads(archive.read(name)).get("config", {}).items():
-                    if entry.get("use_pickle", True) or not str(entry.get("path_name", "")).startswith(
+                config = json.loads(archive.read(name))
+                entries = config.get("config") if isinstance(config, dict) else None
+                if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+                    raise ExportError(f"{str(path)!r}: {name!r} is not a tensor index, which is not allowed")
+                for key, entry in entries.items():
+                    if entry.get("use_pickle", True) is not False or not str(entry.get("path_name", "")).startswith(
                         ("weight_", "tensor_")
                     ):
                         raise ExportError(f"{str(path)!r}: {key!r} is a pickled object, which is not allowed")
-            elif name.endswith(".pt"):
-                try:
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-                except Exception as err:
-                    raise ExportError(
-                        f"{str(path)!r}: {name!r} holds objects that are not allowed (only tensors load): {err}"
-                    ) from err
+            elif name.endswith(".pt") and archive.getinfo(name).file_size:  # save_packed leaves it empty
+                raise ExportError(f"{str(path)!r}: {name!r} holds pickled objects, which are not allowed")
 
 
 def _check_ops(program: Any, path: Union[str, Path]) -> None:
