@@ -7,11 +7,14 @@
 * ``format="torch"``: the same graph as a ``torch.export`` program (torch's ``quantized_decomposed`` ops,
   the representation torchao's pt2e ``convert_pt2e`` produces); :func:`compile_int8` lowers it with inductor
   and freezing, whose x86 passes replace the patterns by oneDNN int8 convolutions and matmuls.
-* ``format="packed"``: binary (1-bit) weights stored 8 per byte with their scales; :func:`load_packed`
-  rebuilds a runnable module that unpacks them.
+* ``format="packed"``: binary weights stored 8 per byte (ternary ones 4 per byte) with their scales, as a
+  ``torch.export`` program that unpacks them; :func:`lightning_quant.packed.load_packed` loads it without pickle.
 
-Float Linear/Conv layers whose weights already lie on an integer grid (after INQ, or with ternary levels)
-are exported weight-only: int8 (or int16) codes with DequantizeLinear, float activations.
+Ternary (TWN/TTQ) weights are exported to ONNX and ``.pt2`` as int8 codes {-1, 0, 1} with a scale per output
+channel (TTQ: one for the positive and one for the negative codes). Float Linear/Conv layers whose weights already
+lie on an integer grid (after INQ) are exported weight-only: int8 (or int16) codes with DequantizeLinear, float
+activations. Hooks or submodules on a quantized layer that the format does not carry make the export refuse,
+naming the layer.
 
 Only grids that the target can represent are exported; anything else raises :class:`ExportError` naming
 the layer. Example::
@@ -35,7 +38,7 @@ from torch import nn
 from lightning_quant.nn.modules import FoldedBatchNorm, QuantizedLayer, _QuantConvNd, is_linear
 from lightning_quant.nn.surgery import quantized_layers
 from lightning_quant.quantizers import LSQQuantizer, ObserverQuantizer, PACTQuantizer, Quantizer
-from lightning_quant.quantizers.binary import BinaryQuantizer
+from lightning_quant.quantizers.binary import BinaryQuantizer, RPReLU, TernaryQuantizer, apply_rprelu
 
 FORMATS = ("onnx", "torch", "packed")
 
@@ -79,7 +82,7 @@ class AffineGrid:
 def affine_grid(q: Quantizer, name: str) -> AffineGrid:
     """The integer grid a trained/calibrated quantizer applies, if it is a uniform affine one."""
     if isinstance(q, BinaryQuantizer):
-        raise ExportError(f"'{name}': {type(q).__name__} is binary; export it with format='packed'")
+        raise ExportError(f"'{name}': {type(q).__name__} is binary; export it with format='packed' (a .packed file)")
     if q.granularity == "per_group":
         raise ExportError(f"'{name}': per-group grids (group_size={q.group_size}) are exported for Linear weights only")
     axis = None if q.granularity == "per_tensor" else q.axis
@@ -156,6 +159,42 @@ def _layer_call(layer: QuantizedLayer, name: str) -> tuple[str, Any, tuple[Any, 
     return "conv", conv, (layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
+_LAYER_PARTS = ("weight_quantizer", "input_quantizer", "output_quantizer")
+
+
+def check_attachments(layer: nn.Module, name: str, carried: tuple[str, ...] = ()) -> None:
+    """Refuse a quantized layer holding something its exported form would drop: a forward hook or pre-hook (on
+    the layer or its quantizers) or a submodule other than its quantizers. ``carried`` names the extras the
+    format keeps: ``"rprelu"``, ReActNet's RPReLU child applied by its forward hook (packed format)."""
+    rprelu = "rprelu" in carried and isinstance(layer._modules.get("rprelu"), RPReLU)
+    for child, module in layer.named_children():
+        if child not in _LAYER_PARTS and not (child == "rprelu" and rprelu):
+            what = "ReActNet's RPReLU; export with format='packed'" if isinstance(module, RPReLU) else "unknown"
+            raise ExportError(
+                f"'{name}': submodule '{child}' ({type(module).__name__}, {what}) would be dropped by this export"
+            )
+    parts = [("", layer)] + [(f" on its {n}", m) for n, m in layer.named_children() if n in _LAYER_PARTS]
+    for where, module in parts:
+        for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
+            for hook in hooks.values():
+                if rprelu and module is layer and hook is apply_rprelu:
+                    continue
+                raise ExportError(
+                    f"'{name}': {kind}{where} ({getattr(hook, '__qualname__', repr(hook))}) would be dropped by "
+                    "this export; remove it before exporting, or fold what it does into the model's modules"
+                )
+    if rprelu and not any(hook is apply_rprelu for hook in layer._forward_hooks.values()):
+        raise ExportError(f"'{name}': has an RPReLU but not the forward hook that applies it")
+
+
+def _ternary_grid(layer: QuantizedLayer, q: TernaryQuantizer) -> tuple[AffineGrid, torch.Tensor, torch.Tensor]:
+    """Codes {-1, 0, 1} of a ternary weight with its per-output-channel grid, and the scale of its negative codes."""
+    with torch.no_grad():
+        codes, pos, neg = q.ternary(layer.weight_to_quantize())
+    zero = torch.zeros_like(pos, dtype=torch.int32)
+    return AffineGrid(pos.float(), zero, -1, 1, 0), codes.to(torch.int8), neg.float()
+
+
 def _deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight exactly as the quantized model uses it (on its grid) and the bias, BatchNorm folded in."""
     with torch.no_grad():
@@ -195,8 +234,17 @@ class DeployLayer(_ExportedLayer):
         self.output_grid = _activation_grid(layer._modules.get("output_quantizer"), f"{name}.output_quantizer")
         self.weight_grid: Optional[AffineGrid] = None
         self.blocks: Optional[BlockGrid] = None
+        self.register_buffer("weight_scale_neg", None)
         wq = layer.weight_quantizer
-        if isinstance(wq, ObserverQuantizer) and wq.fake_quant_enabled and wq.granularity == "per_group":
+        if isinstance(wq, TernaryQuantizer) and wq.fake_quant_enabled:
+            self.weight_grid, codes, neg = _ternary_grid(layer, wq)
+            self.register_buffer("weight_int8", codes)
+            self.register_buffer("weight_scale", self.weight_grid.scale)
+            self.register_buffer("weight_zero_point", self.weight_grid.zero_point.to(torch.int64))
+            if not torch.equal(neg, self.weight_grid.scale):  # TTQ: the negative codes have their own scale
+                self.register_buffer("weight_scale_neg", neg)
+            self.weight = None
+        elif isinstance(wq, ObserverQuantizer) and wq.fake_quant_enabled and wq.granularity == "per_group":
             if self.kind != "linear":
                 raise ExportError(f"'{name}': per-group weights are exported for Linear layers only")
             self.blocks = BlockGrid.from_quantizer(wq, weight)
@@ -226,9 +274,13 @@ class DeployLayer(_ExportedLayer):
         ops = torch.ops.quantized_decomposed
         if g.axis is None:
             return ops.dequantize_per_tensor(self.weight_int8, float(g.scale), int(g.zero_point), -128, 127, torch.int8)
-        return ops.dequantize_per_channel(
-            self.weight_int8, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
-        )
+        zp = self.weight_zero_point
+        if self.weight_scale_neg is not None:  # ternary codes with two scales: each code meets one of them
+            codes = self.weight_int8
+            pos = ops.dequantize_per_channel(codes.clamp(min=0), self.weight_scale, zp, 0, -128, 127, torch.int8)
+            neg = ops.dequantize_per_channel(codes.clamp(max=0), self.weight_scale_neg, zp, 0, -128, 127, torch.int8)
+            return pos + neg
+        return ops.dequantize_per_channel(self.weight_int8, self.weight_scale, zp, 0, -128, 127, torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None:  # x @ Wᵀ with Wᵀ a constant: exported as MatMul on a blocked DequantizeLinear
@@ -543,6 +595,7 @@ def deploy_model(model: nn.Module) -> nn.Module:
         _replace(deployed, name, grid_layer)
     wide = []
     for name, layer in layers:
+        check_attachments(layer, name)
         deploy = DeployLayer(layer, name)
         _replace(deployed, name, deploy)
         grid = deploy.input_grid
@@ -745,88 +798,6 @@ def compile_int8(program: Any, dynamic: Optional[bool] = None) -> Any:
     return torch.compile(module, dynamic=dynamic)
 
 
-# -- packed binary weights -----------------------------------------------------------------------------------
-class PackedBinaryLayer(nn.Module):
-    """A binary Linear/Conv whose weight is stored as packed sign bits (1 bit per weight) and per-channel scales.
-
-    The input keeps the trained model's activation quantizer (sign, RSign shift, ...). ``forward`` unpacks
-    the signs (cached after the first call), as no maintained PyTorch library ships a packed-bit kernel.
-    """
-
-    def __init__(self, layer: QuantizedLayer, name: str) -> None:
-        super().__init__()
-        w, bias = _deploy_weight_bias(layer)
-        flat = w.reshape(w.shape[0], -1)
-        alpha = flat.abs().amax(dim=1)
-        if not torch.allclose(flat.abs(), alpha[:, None].expand_as(flat), rtol=1e-5, atol=1e-8):
-            raise ExportError(f"'{name}': weight is not ±alpha per output channel; only 1-bit weights can be packed")
-        bits = (flat > 0).reshape(-1)
-        pad = (-bits.numel()) % 8
-        bits = torch.cat([bits, bits.new_zeros(pad)]).reshape(-1, 8).to(torch.uint8)
-        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-        self.register_buffer("packed", (bits * weights).sum(dim=1).to(torch.uint8))
-        self.register_buffer("alpha", alpha.float())
-        self.register_buffer("bias", bias)
-        self.shape = tuple(w.shape)
-        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)
-        self.input_quantizer = layer.input_quantizer
-        self.output_quantizer = layer._modules.get("output_quantizer")
-        self._weight: Optional[torch.Tensor] = None
-
-    def signs(self) -> torch.Tensor:
-        """The ±1 signs unpacked from the stored bits, in the weight's shape."""
-        shifts = torch.arange(7, -1, -1, device=self.packed.device, dtype=torch.uint8)
-        bits = (self.packed[:, None] >> shifts) & 1
-        n = 1
-        for d in self.shape:
-            n *= d
-        return (bits.reshape(-1)[:n].float() * 2 - 1).reshape(self.shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._weight is None:
-            self._weight = self.signs() * self.alpha.reshape(-1, *([1] * (len(self.shape) - 1)))
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        if self.kind == "linear":
-            y = F.linear(x, self._weight, self.bias)
-        else:
-            y = self.conv_fn(x, self._weight, self.bias, *self.conv_args)
-        return self.output_quantizer(y) if self.output_quantizer is not None else y
-
-
-def pack_binary(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose binary-weight layers are :class:`PackedBinaryLayer` (other layers unchanged)."""
-    packed = copy.deepcopy(model).eval()
-    found = 0
-    for name, layer in quantized_layers(packed):
-        q = layer.weight_quantizer
-        if isinstance(q, BinaryQuantizer) and q.bits_per_weight == 1 and q.fake_quant_enabled:
-            _replace(packed, name, PackedBinaryLayer(layer, name))
-            found += 1
-    if not found:
-        raise ExportError(f"{type(model).__name__} has no 1-bit weight layer to pack")
-    for name, module in list(packed.named_modules()):
-        if isinstance(module, FoldedBatchNorm):
-            _replace(packed, name, nn.Identity())
-    return packed
-
-
-def save_packed(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Save the packed model (module and buffers, latent float weights dropped) with ``torch.save``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(pack_binary(model), path)
-    return path
-
-
-def load_packed(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
-    """Load a model saved by :func:`save_packed`; it runs as is (signs are unpacked on the first call).
-
-    The file is a pickled module, so only load files you trust.
-    """
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
 def export(
     model: nn.Module,
     example_input: Any,
@@ -852,7 +823,9 @@ def export(
         elif format == "torch":
             export_torch(model, example_input, partial)
         else:
-            save_packed(model, partial)
+            from lightning_quant.packed import save_packed
+
+            save_packed(model, example_input, partial)
         partial.replace(path)
     finally:
         model.train(was_training)

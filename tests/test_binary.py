@@ -1,12 +1,15 @@
 """Binarizers on hand-checked tensors, and the Binarization callback in real Trainer runs."""
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_quant import Binarization, load_recipe
+from lightning_quant import Binarization, list_recipes, load_recipe
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
+from lightning_quant.nn import quantized_layers
 from lightning_quant.quantizers import QuantizerConfig, build_quantizer
 from lightning_quant.quantizers.binary import IRNetQuantizer, RPReLU, SketchQuantizer, sign_ste
 
@@ -133,9 +136,7 @@ def _fit(recipe, epochs=1, **kw):
     return model, cb, trainer
 
 
-@pytest.mark.parametrize(
-    "recipe", ["bnn", "binaryconnect", "xnor", "bireal", "irnet", "reactnet", "sketch_m3", "twn", "ttq"]
-)
+@pytest.mark.parametrize("recipe", [name for name in list_recipes() if load_recipe(name).kind == "binary"])
 def test_every_binary_recipe_trains_and_logs(recipe):
     model, cb, trainer = _fit(recipe, epochs=2)
     layer = model.net.features[3]
@@ -180,3 +181,54 @@ def test_binary_checkpoint_resume_restores_state(tmp_path):
 def test_binarization_refuses_other_kinds():
     with pytest.raises(MisconfigurationException, match="kind='qat' is not allowed for Binarization"):
         Binarization("lsq_w4a4")
+
+
+class _FunctionalReluNet(torch.nn.Module):
+    """Conv-BN stages with ``F.relu`` in ``forward``: the callback cannot see or remove those ReLUs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))  # no ReLU before the last layer: its (float) input may be negative
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _fit_net(recipe, net):
+    pl.seed_everything(0)
+    model = ImageClassifier(net, optimizer="adam", lr=5e-3, epochs=1)
+    cb = Binarization(recipe, overrides=["diagnostics.summary=false"])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=DigitsDataModule())
+    return model, [str(w.message) for w in caught if "sign() is +1 everywhere" in str(w.message)]
+
+
+def test_functional_relu_before_a_binary_activation_is_reported_by_layer():
+    model, warned = _fit_net("bnn", _FunctionalReluNet())
+    assert len(warned) == 1
+    assert "'net.conv2'" in warned[0] and "'net.conv3'" in warned[0]  # both follow an F.relu
+    assert "F.relu" in warned[0] and "nn.ReLU" in warned[0]  # says what to do
+    name, layer = quantized_layers(model)[0]
+    assert name == "net.conv2" and not layer.input_quantizer._forward_pre_hooks  # the watch left no hook behind
+
+
+def test_relu_modules_give_no_constant_sign_warning():
+    _, warned = _fit_net("bnn", DigitsCNN(width=8))
+    assert warned == []

@@ -6,8 +6,9 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_quant.callbacks.base import _quantizers
@@ -15,16 +16,45 @@ from lightning_quant.callbacks.diagnostics import log_metrics
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.nn import QuantizedLayer, quantized_layers, summarize
 from lightning_quant.nn.modules import swap_class
-from lightning_quant.quantizers.binary import BinaryQuantizer, RPReLU, RSignQuantizer
+from lightning_quant.quantizers.binary import BinaryQuantizer, RPReLU, RSignQuantizer, apply_rprelu
 from lightning_quant.recipes import Recipe
-
-
-def _apply_rprelu(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return module.rprelu(output)
 
 
 def _channels_out(layer: torch.nn.Module) -> int:
     return int(getattr(layer, "out_channels", getattr(layer, "out_features", 1)))
+
+
+class SignInputWatch:
+    """Forward pre-hooks on binary activation quantizers during the first training batches: which layers never
+    see a negative input. ``sign`` of such an input is +1 everywhere (a ReLU before it, often an ``F.relu`` in
+    ``forward()`` that the callback cannot replace), so the layer passes no information and training fails."""
+
+    batches = 2
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.negative: dict[str, bool] = {}
+        self.seen: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+        for name, layer in quantized_layers(model):
+            q = layer.input_quantizer
+            if isinstance(q, BinaryQuantizer):
+                self.negative[name] = False
+                self._handles.append(q.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Any:
+        def record(q: torch.nn.Module, args: tuple) -> None:
+            if q.training and not self.negative[name] and isinstance(args[0], torch.Tensor):
+                self.seen.add(name)
+                self.negative[name] = bool((args[0].detach() < 0).any())
+
+        return record
+
+    def finish(self) -> list[str]:
+        """Remove the hooks; the layers whose binary-activation input was never negative."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return [name for name, negative in self.negative.items() if name in self.seen and not negative]
 
 
 class Binarization(QuantizationAwareTraining):
@@ -53,6 +83,7 @@ class Binarization(QuantizationAwareTraining):
     ) -> None:
         super().__init__(recipe, overrides, export_path=export_path, export_format=export_format)
         self._signs: dict[str, torch.Tensor] = {}
+        self._watch: Optional[SignInputWatch] = None
 
     @staticmethod
     def _binary_layers(model: torch.nn.Module) -> list[tuple[str, QuantizedLayer]]:
@@ -66,7 +97,25 @@ class Binarization(QuantizationAwareTraining):
         for _, layer in quantized_layers(pl_module):
             if isinstance(layer.input_quantizer, RSignQuantizer) and not hasattr(layer, "rprelu"):
                 layer.rprelu = RPReLU(_channels_out(layer)).to(layer.weight.device)
-                layer.register_forward_hook(_apply_rprelu)
+                layer.register_forward_hook(apply_rprelu)
+        if stage == "fit" and self.recipe.activations.enabled:
+            self._finish_watch()
+            self._watch = SignInputWatch(pl_module)
+
+    def _finish_watch(self) -> None:
+        """Warn about binary-activation layers whose input was never negative in the first training batches."""
+        if self._watch is None:
+            return
+        constant = self._watch.finish()
+        self._watch = None
+        if constant:
+            rank_zero_warn(
+                f"lightning-quant: binary activations: the input of {', '.join(repr(n) for n in constant)} was never "
+                f"negative in the first {SignInputWatch.batches} training batches, so sign() is +1 everywhere and "
+                "the layer learns nothing (accuracy stays at chance). Something like a ReLU feeds it: an F.relu / "
+                "torch.relu call in forward() cannot be removed by the callback. Remove it for binary layers (BN -> "
+                "sign -> conv, as BNN and XNOR-Net do) or use nn.ReLU modules, which the callback makes identities."
+            )
 
     @staticmethod
     def _remove_relus(pl_module: pl.LightningModule) -> None:
@@ -102,10 +151,16 @@ class Binarization(QuantizationAwareTraining):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if batch_idx + 1 >= SignInputWatch.batches:
+            self._finish_watch()
         with torch.no_grad():
             for _, layer in self._binary_layers(pl_module):
                 if type(layer.weight_quantizer).clip_latent:
                     layer.weight.clamp_(-1.0, 1.0)  # BinaryConnect/BNN keep latent weights in [-1, 1]
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_watch()  # runs shorter than the watch: report what was seen, and leave no hook behind
 
     def _weight_signs(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         with torch.no_grad():

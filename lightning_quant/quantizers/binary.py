@@ -182,6 +182,11 @@ class RPReLU(OptionalStateModule):
         return F.prelu(x - self.gamma.reshape(shape), self.slope) + self.zeta.reshape(shape)
 
 
+def apply_rprelu(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook that puts a layer's output through its ``rprelu`` (ReActNet); exporters carry it by name."""
+    return module.rprelu(output)
+
+
 @register_quantizer("sketch")
 class SketchQuantizer(BinaryQuantizer):
     """Network Sketching (Guo et al., 2017): each filter ``W_c ≈ Σ_j α_j·B_j`` with ``m`` binary bases.
@@ -196,66 +201,104 @@ class SketchQuantizer(BinaryQuantizer):
     def bases(self) -> int:
         return self.bits
 
-    def sketch(self, w: torch.Tensor) -> torch.Tensor:
+    def decompose(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sketch of ``w`` as scales ``(C, m)`` and ±1 bases ``(C, m, K)``, one row per output channel."""
         rows = w.detach().reshape(w.shape[0], -1)
         residual = rows
         basis: list[torch.Tensor] = []
-        approx = torch.zeros_like(rows)
+        alpha = rows.new_zeros(rows.shape[0], 0)
         for _ in range(self.bases):
             basis.append(torch.where(residual >= 0, 1.0, -1.0))
             b = torch.stack(basis, dim=1)  # (C, j, K)
             gram = b @ b.transpose(1, 2)  # (C, j, j)
             rhs = (b @ rows.unsqueeze(2)).squeeze(2)  # (C, j)
             alpha = torch.linalg.solve(gram + 1e-6 * torch.eye(len(basis), device=w.device), rhs)
-            approx = (alpha.unsqueeze(2) * b).sum(dim=1)
-            residual = rows - approx
-        return approx.reshape(w.shape)
+            residual = rows - compose_bases(alpha, b)
+        return alpha.contiguous(), torch.stack(basis, dim=1)
+
+    def sketch(self, w: torch.Tensor) -> torch.Tensor:
+        return compose_bases(*self.decompose(w)).reshape(w.shape)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return x + (self.sketch(x) - x).detach()
+        return self.sketch(x) + (x - x.detach())  # forward: exactly the sketch; gradient: straight through
 
     @property
     def bits_per_weight(self) -> int:  # type: ignore[override]
         return self.bases
 
 
-@register_quantizer("twn")
-class TWNQuantizer(BinaryQuantizer):
-    """Ternary Weight Networks (Li et al., 2016): ``α·sign(W)·1[|W| > Δ]`` with ``Δ = 0.7·mean|W|`` and ``α``
-    the mean ``|W|`` above ``Δ`` (per layer); straight-through gradient. Weights only."""
+class TernaryQuantizer(BinaryQuantizer):
+    """Base for ternary weights: each output channel is ``{−neg_c, 0, pos_c}``, stored as codes {−1, 0, 1}."""
 
     roles = ("weight",)
     bits_per_weight = 2
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.detach()
+    def ternary(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes {−1, 0, 1} (int8, ``w``'s shape) and the positive and negative scales per output channel."""
+        raise NotImplementedError
+
+
+@register_quantizer("twn")
+class TWNQuantizer(TernaryQuantizer):
+    """Ternary Weight Networks (Li et al., 2016): ``α·sign(W)·1[|W| > Δ]`` with ``Δ = 0.7·mean|W|`` and ``α``
+    the mean ``|W|`` above ``Δ`` (per layer); straight-through gradient. Weights only. The forward weight is
+    exactly ``{−α, 0, α}``: the straight-through term ``x − x`` adds an exact zero."""
+
+    def _codes_alpha(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.detach()
         delta = 0.7 * w.abs().mean()
         keep = w.abs() > delta
         alpha = w.abs()[keep].mean() if bool(keep.any()) else w.abs().mean()
-        return x + (alpha * torch.sign(w) * keep - x).detach()
+        return torch.sign(w) * keep, alpha
+
+    def ternary(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        codes, alpha = self._codes_alpha(w)
+        scale = alpha.reshape(1).expand(w.shape[0]).clone()
+        return codes.to(torch.int8), scale, scale.clone()
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        codes, alpha = self._codes_alpha(x)
+        return alpha * codes + (x - x.detach())
 
 
 @register_quantizer("ttq")
-class TTQQuantizer(BinaryQuantizer):
+class TTQQuantizer(TernaryQuantizer):
     """Trained Ternary Quantization (Zhu et al., 2017): ``W_p`` above ``Δ = 0.05·max|w|``, ``−W_n`` below
     ``−Δ``, 0 between, on the latent weights normalised to [−1, 1]. ``W_p``/``W_n`` are learned (init 1):
     each gets the summed gradient of its region; the latent weight gets the gradient scaled by ``W_p``, 1
     or ``W_n`` by region. Weights only."""
-
-    roles = ("weight",)
-    bits_per_weight = 2
 
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
         super().__init__(cfg, role, num_groups)
         self.w_pos = nn.Parameter(torch.ones(()))
         self.w_neg = nn.Parameter(torch.ones(()))
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def _regions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w = x / x.detach().abs().max().clamp_min(1e-8)
         delta = 0.05  # of max|w|, after normalisation
-        pos = (w.detach() > delta).to(x.dtype)
-        neg = (w.detach() < -delta).to(x.dtype)
+        return w, (w.detach() > delta).to(x.dtype), (w.detach() < -delta).to(x.dtype)
+
+    def ternary(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, pos, neg = self._regions(w.detach())
+        channels = w.shape[0]
+        pos_scale = self.w_pos.detach().reshape(1).expand(channels).clone()
+        return (pos - neg).to(torch.int8), pos_scale, self.w_neg.detach().reshape(1).expand(channels).clone()
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        w, pos, neg = self._regions(x)
         values = self.w_pos * pos - self.w_neg * neg
         latent_scale = self.w_pos.detach() * pos + self.w_neg.detach() * neg + (1 - pos - neg)
         surrogate = latent_scale * w
-        return values + surrogate - surrogate.detach()
+        return values + (surrogate - surrogate.detach())  # forward: exactly the three values
+
+
+def compose_bases(alpha: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """``Σ_j alpha[:, j]·bases[:, j]``: rows ``(C, K)`` from scales ``(C, m)`` and ±1 bases ``(C, m, K)``.
+
+    The packed format calls this same function, so that its weights equal the trained ones to the bit."""
+    return (alpha.contiguous().unsqueeze(2) * bases.contiguous()).sum(dim=1)
+
+
+def ternary_weight(codes: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Weights from float codes {−1, 0, 1} ``(C, K)`` and per-channel scales ``(C,)``: ``pos`` or ``−neg``, exactly."""
+    return codes * torch.where(codes > 0, pos.reshape(-1, 1), neg.reshape(-1, 1))
