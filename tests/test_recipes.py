@@ -387,3 +387,13 @@ def test_derived_recipe_without_description_says_what_it_changes(tmp_path):
     descriptions = describe_recipes()
     assert descriptions["lsq_w2a2"].startswith("LSQ fine-tuning at 2-bit")
     assert all("${" not in d and "(overrides" not in d for d in descriptions.values())
+
+
+def test_kind_errors_say_where_the_kind_was_set(tmp_path):
+    path = _bad(tmp_path, "base: adaround_w4a8\ndescription: x\nkind: qat\n", "mine.yaml")
+    match = r"adaround_w4a8\.yaml: ptq\.algorithm='adaround'.*\(kind: qat is set in .*mine\.yaml\)"
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+    match = r"bnn\.yaml: weights\.method='bnn'.*\(kind: qat is set in .*override 'kind=qat'\)"
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("bnn", ["kind=qat"])

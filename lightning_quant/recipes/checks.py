@@ -9,12 +9,12 @@ from lightning_quant.algorithms import ALGORITHMS
 from lightning_quant.nn.modules import TYPE_NAMES
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
 from lightning_quant.quantizers.observers import observer_names
-from lightning_quant.recipes.kinds import KINDS, validate_kind
-from lightning_quant.recipes.schema import Recipe, Where, check
+from lightning_quant.recipes.kinds import KINDS, kind_note, validate_kind
+from lightning_quant.recipes.schema import Recipe, RecipeError, Where, check
 
 _EDGE_RULES = ("float", "8bit", "same")
 _OPTIMIZERS = ("sgd", "adam", "adamw")
-_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+_GRANULARITIES = ["per_tensor", "per_channel", "per_group", "per_token"]
 DATA_SOURCES = ("train", "val", "generated", "auto")
 
 
@@ -142,7 +142,10 @@ def _ptq(recipe: Recipe, where: Where) -> None:
     for key in ("reg_weight", "damp", "norm_lr_slope"):
         check(getattr(ptq, key) >= 0, where, f"ptq.{key}", getattr(ptq, key), "must be >= 0")
     if recipe.kind != "ptq":
-        check(ptq.algorithm == "none", where, "ptq.algorithm", ptq.algorithm, "a reconstruction needs kind: ptq")
+        try:
+            check(ptq.algorithm == "none", where, "ptq.algorithm", ptq.algorithm, "a reconstruction needs kind: ptq")
+        except RecipeError as err:
+            raise kind_note(recipe, where, err) from None
         return
     for key, cfg, allowed in (
         ("weights", recipe.weights, ("observer",)),

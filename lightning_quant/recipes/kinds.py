@@ -13,7 +13,16 @@ from typing import Any, Optional
 from lightning_quant.algorithms import PTQConfig
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
 from lightning_quant.quantizers.binary import BinaryQuantizer
-from lightning_quant.recipes.schema import INQConfig, Recipe, ScheduleConfig, Where, check, default_weights, refuse
+from lightning_quant.recipes.schema import (
+    INQConfig,
+    Recipe,
+    RecipeError,
+    ScheduleConfig,
+    Where,
+    check,
+    default_weights,
+    refuse,
+)
 
 KINDS = ("qat", "ptq", "binary", "inq")
 RUNNER = {
@@ -182,7 +191,18 @@ def _inq(recipe: Recipe, where: Where) -> None:
         check(bits == need, where, "weights.bits", bits, f"inq.levels={levels} means weights.bits={need}")
 
 
+def kind_note(recipe: Recipe, where: Where, err: RecipeError) -> RecipeError:
+    """``err``, saying where ``kind`` was set when that is another file or override than the refused key's."""
+    origin = where("kind")
+    if str(err).startswith(f"{origin}:"):
+        return err
+    return RecipeError(f"{err} (kind: {recipe.kind} is set in {origin})")
+
+
 def validate_kind(recipe: Recipe, where: Where) -> None:
     """Refuse sections and keys that the recipe's kind does not use; see the module docstring."""
     _pact_bits(recipe, where)
-    {"qat": _qat, "ptq": _ptq, "binary": _binary, "inq": _inq}[recipe.kind](recipe, where)
+    try:
+        {"qat": _qat, "ptq": _ptq, "binary": _binary, "inq": _inq}[recipe.kind](recipe, where)
+    except RecipeError as err:
+        raise kind_note(recipe, where, err) from None

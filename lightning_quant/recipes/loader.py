@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -28,6 +29,7 @@ MAX_OVERRIDE_CHARS = 10_000
 _SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[[0-9]+\])*)|([0-9]+)")
 
 
+@functools.cache
 def recipes_dir() -> Path:
     """Folder of the shipped recipes: inside the installed wheel, or ``recipes/`` of a source checkout."""
     packaged = Path(str(resources.files("lightning_quant"))) / "_recipes"

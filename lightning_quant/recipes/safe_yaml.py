@@ -7,6 +7,8 @@ This loader refuses all three, and every failure is a :class:`RecipeError` namin
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,14 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def read_yaml_file(path: Path) -> Any:
-    """Read a recipe file: at most :data:`MAX_FILE_BYTES`, UTF-8, then :func:`parse_yaml`."""
+    """Read a recipe file: at most :data:`MAX_FILE_BYTES`, UTF-8, then :func:`parse_yaml` (cached while unchanged)."""
+    stat = path.stat()
+    return copy.deepcopy(_read_cached(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _read_cached(name: str, mtime_ns: int, size: int) -> Any:
+    path = Path(name)
     with path.open("rb") as fh:
         raw = fh.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:
