@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import typing
@@ -69,6 +70,7 @@ def plain(value: Any, path: str, where: Where, budget: list[int] | None = None, 
     raise refuse(where, path, value, f"a {type(value).__name__} is not a recipe value (plain YAML values only)")
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

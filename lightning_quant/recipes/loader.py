@@ -68,9 +68,13 @@ def _find(ref: str, relative_to: Optional[Path], referrer: str) -> Path:
                 return path
         except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
             continue
-    close = difflib.get_close_matches(Path(ref).stem, list_recipes(), n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "give a path to a .yaml file or"
-    hint += f" {'or see' if close else 'one of'} the {len(list_recipes())} shipped recipes (`lightning-quant recipes`)"
+    names = list_recipes()
+    close = [repr(c) for c in difflib.get_close_matches(Path(ref).stem, names, n=3, cutoff=0.6)]
+    listed = f"`lightning-quant recipes` lists all {len(names)}"
+    if close:
+        hint = f"did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}? {listed}"
+    else:
+        hint = f"give a path to a .yaml file or a shipped recipe name ({listed})"
     if referrer:
         return _raise(f"{referrer}: base={ref!r}: recipe not found; {hint}")
     return _raise(f"recipe {ref!r} not found; {hint}")
