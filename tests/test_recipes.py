@@ -397,3 +397,16 @@ def test_kind_errors_say_where_the_kind_was_set(tmp_path):
     match = r"bnn\.yaml: weights\.method='bnn'.*\(kind: qat is set in .*override 'kind=qat'\)"
     with pytest.raises(RecipeError, match=match):
         load_recipe("bnn", ["kind=qat"])
+
+
+def test_python_inputs_are_plain_data_only():
+    loop = {"description": "x"}
+    loop["layers"] = loop
+    with pytest.raises(RecipeError, match=r"<dict>: layers\.layers.*past the recipe limits"):
+        load_recipe(loop)
+    with pytest.raises(RecipeError, match=r"<dict>: weights\.bits=tensor\(4\).*a Tensor is not a recipe value"):
+        load_recipe({"description": "x", "weights": {"bits": torch.tensor(4)}})
+    recipe = load_recipe("lsq_w4a4")
+    recipe.description = "${oc.env:HOME}"  # a Recipe object goes through the same checks
+    with pytest.raises(MisconfigurationException, match=r"lsq_w4a4\.yaml: description=.*interpolations"):
+        QuantizationAwareTraining(recipe)
