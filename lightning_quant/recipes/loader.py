@@ -60,6 +60,7 @@ def override_list(overrides: Overrides) -> list[str]:
 
 
 def _find(ref: str, relative_to: Optional[Path], referrer: str) -> Path:
+    """The file for a recipe name or path; ``referrer`` is the file whose ``base:`` names it ("" at the top)."""
     candidates = [relative_to / ref] if relative_to is not None else []
     candidates += [Path(ref), recipes_dir() / f"{ref}.yaml"]
     for path in candidates:
@@ -75,13 +76,8 @@ def _find(ref: str, relative_to: Optional[Path], referrer: str) -> Path:
         hint = f"did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}? {listed}"
     else:
         hint = f"give a path to a .yaml file or a shipped recipe name ({listed})"
-    if referrer:
-        return _raise(f"{referrer}: base={ref!r}: recipe not found; {hint}")
-    return _raise(f"recipe {ref!r} not found; {hint}")
-
-
-def _raise(message: str) -> Any:
-    raise RecipeError(message)
+    what = f"{referrer}: base={ref!r}: recipe" if referrer else f"recipe {ref!r}"
+    raise RecipeError(f"{what} not found; {hint}")
 
 
 class _Origins:
@@ -99,8 +95,10 @@ class _Origins:
         return self.default
 
     def record(self, path: str, value: Any, label: str) -> None:
-        for key in [k for k in self.by_path if k.startswith(path) and k[len(path) : len(path) + 1] in ("", ".", "[")]:
-            del self.by_path[key]
+        if path in self.by_path:  # a replaced value: forget where its old parts came from
+            old = [k for k in self.by_path if k.startswith(path) and k[len(path) : len(path) + 1] in ("", ".", "[")]
+            for key in old:
+                del self.by_path[key]
         self._walk(path, value, label)
 
     def _walk(self, path: str, value: Any, label: str) -> None:
