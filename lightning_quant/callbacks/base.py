@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_quant.deploy import FORMATS, ExportError, export, format_for
 from lightning_quant.nn import QuantizationReport, quantize_model, quantized_layers
 from lightning_quant.quantizers import Quantizer
-from lightning_quant.recipes import Recipe, RecipeError, load_recipe
+from lightning_quant.recipes import Recipe, RecipeError, load_recipe, override_list
 
 _CKPT_KEY = "lightning_quant"
 
@@ -57,7 +57,7 @@ class RecipeCallback(Callback):
         export_path: Optional[str] = None,
         export_format: Optional[str] = None,
     ) -> None:
-        extra = list(overrides or [])
+        extra = override_list(overrides)  # one string is one override
         if weight_bits is not None:
             extra.append(f"weights.bits={weight_bits}")
         if activation_bits is not None:

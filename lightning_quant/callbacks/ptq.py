@@ -21,7 +21,7 @@ from lightning_quant.callbacks.base import RecipeCallback, _quantizers, load_qua
 from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
 from lightning_quant.nn import summarize
 from lightning_quant.quantizers import ObserverQuantizer
-from lightning_quant.recipes import Recipe
+from lightning_quant.recipes import Recipe, override_list
 
 
 def _batch_size(batch: Any) -> int:
@@ -101,7 +101,7 @@ class PostTrainingQuantization(RecipeCallback):
         export_path: Optional[str] = None,
         export_format: Optional[str] = None,
     ) -> None:
-        extra = list(overrides or [])
+        extra = override_list(overrides)  # one string is one override
         for key, value in (("num_samples", num_samples), ("iters", iters), ("seed", seed)):
             if value is not None:
                 extra.append(f"ptq.{key}={value}")
