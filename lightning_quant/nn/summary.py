@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
-from lightning_quant.nn.surgery import clean_name, format_table
+from lightning_quant.nn.report import clean_name, format_table
 
 _FLOAT_BITS = 32
 
