@@ -54,6 +54,10 @@ _PASSIVE = (
     nn.modules.instancenorm._InstanceNorm,
 )
 
+# set on a model by the callbacks (in its __dict__, not its state): (name, source, fingerprint) of the recipe its
+# layers were quantized with, so that quantizing it again under another recipe is refused
+RECIPE_ATTR = "_lightning_quant_recipe"
+
 
 @dataclass
 class LayerOverride:
@@ -268,6 +272,7 @@ def _convert(
 
 def dequantize_model(model: nn.Module) -> None:
     """Undo :func:`quantize_model` in place: float classes back, quantizers removed, BatchNorm unfolded."""
+    model.__dict__.pop(RECIPE_ATTR, None)
     for module in list(model.modules()):
         if isinstance(module, QuantizedLayer):
             del module.weight_quantizer
