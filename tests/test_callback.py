@@ -359,3 +359,39 @@ def test_recipe_mismatch_error_lists_only_the_keys_that_differ(tmp_path):
     assert "different recipe, 'lsq_w4a4', than this callback's 'lsq_w4a4'" in message
     assert "weights.bits: 4 -> 3" in message
     assert len(message.splitlines()) <= 3  # the header and the one differing key, not the whole recipe
+
+
+class NoExampleModel(ImageClassifier):
+    """Most models set no example_input_array; this one also carries an Embedding (not quantized by default)."""
+
+    def __init__(self):
+        super().__init__(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+        self.example_input_array = None
+        self.extra = nn.Embedding(4, 4)
+
+
+def test_macs_and_bops_come_from_the_first_batch_without_example_input(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    t = trainer(tmp_path, 1, [qat()], logger=logger, limit_train_batches=2, limit_val_batches=1)
+    t.fit(NoExampleModel(), datamodule=DigitsDataModule())
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("model/bops_ratio")]
+    ratio = float(rows[0]["model/bops_ratio"])
+    assert 4 * 4 / 32**2 < ratio < 8 * 8 / 32**2  # between W4A4 and W8A8 (first and last layers at 8 bits)
+
+
+def test_summary_that_cannot_run_a_forward_says_so(tmp_path):
+    with pytest.warns(UserWarning, match="summary could not run a forward.*MACs and BOPs are not reported"):
+        trainer(tmp_path, 1, [qat()], limit_train_batches=2).fit(KwargsModel(), datamodule=DigitsDataModule())
+
+
+def test_left_in_float_warning_is_given_once_per_model(tmp_path):
+    model = NoExampleModel()
+    t = trainer(tmp_path, 1, [qat()], limit_train_batches=2, limit_val_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(model, datamodule=DigitsDataModule())
+        t.validate(model, datamodule=DigitsDataModule(), verbose=False)
+        t.test(model, datamodule=DigitsDataModule(), verbose=False)
+    assert len([w for w in caught if "left in float: 'extra' (Embedding)" in str(w.message)]) == 1

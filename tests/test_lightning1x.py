@@ -69,7 +69,7 @@ class Regressor(pl.LightningModule):
 class RegressionData(pl.LightningDataModule):
     """``make_regression`` (800 samples, 16 features, fixed seed), targets scaled to unit variance; 60/20/20 split."""
 
-    def __init__(self, batch_size: int = 16):
+    def __init__(self, batch_size: int = 32):
         super().__init__()
         x, y = make_regression(n_samples=800, n_features=FEATURES, noise=1.0, random_state=42)
         x = torch.tensor(x, dtype=torch.float32)
@@ -132,14 +132,15 @@ def test_parity_with_float_checkpoint_and_resume(tmp_path, observer):
     pl.seed_everything(42)
     float_model = Regressor()
     start = {k: v.clone() for k, v in float_model.state_dict().items()}
-    make_trainer(tmp_path / "float", 6).fit(float_model, datamodule=dm)
+    make_trainer(tmp_path / "float", 4).fit(float_model, datamodule=dm)
     float_mse = test_mse(float_model, dm)
 
     model = Regressor()
     model.load_state_dict(start)
-    callback = qat(overrides=[f"activations.observer={observer}"])
+    overrides = [f"activations.observer={observer}", "schedule.observer_steps=40"]  # 1.x collect_quantization=40
+    callback = qat(overrides=overrides)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
-    t = make_trainer(tmp_path / "qat", 6, [callback, ckpt], enable_checkpointing=True)
+    t = make_trainer(tmp_path / "qat", 4, [callback, ckpt], enable_checkpointing=True)
     t.fit(model, datamodule=dm)
     quant_mse = test_mse(model, dm)
     assert float_mse < 0.05  # the task is learned
@@ -156,12 +157,15 @@ def test_parity_with_float_checkpoint_and_resume(tmp_path, observer):
     path = tmp_path / "ck" / "last.ckpt"
     plain = Regressor.load_from_checkpoint(path)  # strict
     assert not quantized_layers(plain)
-    assert test_mse(plain, dm) < 2 * float_mse + 0.05  # the QAT-trained latent weights
+    assert torch.equal(plain.layer_1.weight, model.layer_1.weight)  # the QAT-trained latent weights
+    restored = make_trainer(tmp_path / "eval", 1, [qat(overrides=overrides)])  # ... and the scales, by ckpt_path
+    result = restored.test(plain, datamodule=dm, ckpt_path=str(path), verbose=False)[0]
+    assert result["test_MSE"] == pytest.approx(float(quant_mse), rel=1e-4)
 
     resumed = Regressor()
-    callback2 = qat(overrides=[f"activations.observer={observer}"])
-    make_trainer(tmp_path / "resume", 7, [callback2]).fit(resumed, datamodule=dm, ckpt_path=str(path))
-    assert callback2.quant_steps == callback.quant_steps + 30  # one more epoch of 30 batches
+    callback2 = qat(overrides=overrides)
+    make_trainer(tmp_path / "resume", 5, [callback2]).fit(resumed, datamodule=dm, ckpt_path=str(path))
+    assert callback2.quant_steps == callback.quant_steps + 15  # one more epoch of 15 batches
     assert test_mse(resumed, dm) < 2 * float_mse + 0.02
 
 
