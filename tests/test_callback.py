@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from wandb_records import history_keys
 
-from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant import IncrementalQuantization, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
 from lightning_quant.nn import dequantize_model, quantized_layers
 from lightning_quant.quantizers import Quantizer
@@ -395,3 +395,20 @@ def test_left_in_float_warning_is_given_once_per_model(tmp_path):
         t.validate(model, datamodule=DigitsDataModule(), verbose=False)
         t.test(model, datamodule=DigitsDataModule(), verbose=False)
     assert len([w for w in caught if "left in float: 'extra' (Embedding)" in str(w.message)]) == 1
+
+
+def test_a_reused_inq_callback_acts_like_a_fresh_one(tmp_path):
+    def run(callback):
+        pl.seed_everything(0)
+        model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=2)
+        trainer(tmp_path, 2, [callback], limit_train_batches=2, limit_val_batches=0).fit(
+            model, datamodule=DigitsDataModule(shuffle=False)
+        )
+        return model.state_dict()
+
+    reused = IncrementalQuantization("inq_4bit", overrides=["inq.epochs=[0,1,2,3]"])
+    run(reused)
+    again = run(reused)
+    fresh = run(IncrementalQuantization("inq_4bit", overrides=["inq.epochs=[0,1,2,3]"]))
+    differ = [k for k in fresh if not torch.equal(again[k], fresh[k])]
+    assert not differ, differ

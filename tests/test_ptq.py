@@ -418,3 +418,18 @@ def test_gptq_names_itself_in_the_layer_table_and_the_progress_bar(capsys):
     assert "observer" not in cb.report.table()
     err = capsys.readouterr().err
     assert "lightning-quant gptq: 1/2" in err and "gptq gptq" not in err
+
+
+def test_a_reused_callback_calibrates_a_new_model_like_a_fresh_one(float_model):
+    """The same PTQ instance in a second Trainer must not think the new model is calibrated already."""
+    reused = PostTrainingQuantization("minmax_w8a8", overrides=QUICK, num_samples=100)
+    _trainer([reused]).validate(copy.deepcopy(float_model), datamodule=DigitsDataModule(), verbose=False)
+    second = copy.deepcopy(float_model)
+    _trainer([reused]).validate(second, datamodule=DigitsDataModule(), verbose=False)
+    fresh = copy.deepcopy(float_model)
+    _trainer([PostTrainingQuantization("minmax_w8a8", overrides=QUICK, num_samples=100)]).validate(
+        fresh, datamodule=DigitsDataModule(), verbose=False
+    )
+    a, b = second.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

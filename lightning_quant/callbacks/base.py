@@ -43,6 +43,15 @@ def batch_head(batch: Any, n: int) -> Any:
     return apply_to_collection(batch, torch.Tensor, lambda t: t[:n] if t.dim() else t)
 
 
+def batch_size(batch: Any) -> int:
+    """The batch dimension of the first tensor in a batch that has one."""
+    sizes: list[int] = []
+    apply_to_collection(batch, torch.Tensor, lambda t: sizes.append(t.shape[0]) if t.dim() else None)
+    if not sizes:
+        raise MisconfigurationException("lightning-quant: a calibration batch holds no tensor with a batch dimension")
+    return sizes[0]
+
+
 def default_forward(module: torch.nn.Module, batch: Any) -> Any:
     """How a batch reaches the model when the LightningModule defines no ``calibration_forward``:
     a tensor is the input, a list/tuple's first item is the input, a dict is passed as keyword arguments."""
@@ -116,11 +125,11 @@ class RecipeCallback(Callback):
             if self.export_format not in FORMATS:
                 raise MisconfigurationException(f"export_format={export_format!r}; allowed: {list(FORMATS)}")
             check_export_target(self.recipe, export_path, self.export_format)
-        self._run: Optional[tuple[weakref.ref, weakref.ref]] = None
+        self._model: Optional[weakref.ref] = None  # the model of the current run
         self.reset_run_state()
 
     def reset_run_state(self) -> None:
-        """Forget what a previous run (another Trainer or model) left, so a reused instance acts as a fresh one.
+        """Forget what a previous run on another model left, so a reused instance acts as a fresh one.
 
         Subclasses extend it with their own per-run attributes; ``__init__`` calls it too.
         """
@@ -131,15 +140,15 @@ class RecipeCallback(Callback):
     def begin_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Checks and bookkeeping every ``setup`` starts with (subclasses call it first).
 
-        A new Trainer or a new model starts a new run: per-run state is reset. Within one Trainer and model
-        (``fit`` then ``test``) it carries on.
+        Another model starts a new run: per-run state (step counts, calibration, ...) is reset, so the instance
+        behaves as a fresh one would. The same model carries on (``fit`` then ``test``, or a second Trainer that
+        continues it), since that state describes the model's quantizers.
         """
         check_only_quantization_callback(trainer, self)
         run_checkpoint_hook_after_writers(trainer, self)
-        run = self._run
-        if run is None or run[0]() is not trainer or run[1]() is not pl_module:
+        if self._model is None or self._model() is not pl_module:
             self.reset_run_state()
-            self._run = (weakref.ref(trainer), weakref.ref(pl_module))
+            self._model = weakref.ref(pl_module)
 
     def check_recipe(self, recipe: Recipe) -> None:
         """Refuse recipes this callback cannot run (before anything else happens)."""

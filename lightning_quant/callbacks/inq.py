@@ -101,12 +101,12 @@ class IncrementalQuantization(Callback):
                 f"{self.recipe.source}: kind={self.recipe.kind!r} is not allowed for IncrementalQuantization; "
                 "allowed: ['inq']"
             )
-        self._run: Optional[tuple[weakref.ref, weakref.ref]] = None
+        self._model: Optional[weakref.ref] = None  # the model of the current run
         self._hooked: set[int] = set()  # weights whose gradient this instance masks (hooks stay for their life)
         self.reset_run_state()
 
     def reset_run_state(self) -> None:
-        """Forget a previous run's stages and masks (another Trainer or model): a reused instance acts as new."""
+        """Forget a previous run's stages and masks (on another model): a reused instance acts as a new one."""
         self.exponents: dict[str, tuple[int, int]] = {}
         self.ternary: dict[str, tuple[float, float]] = {}  # ELQ: (threshold, alpha) per layer
         self.grad_mean: dict[str, torch.Tensor] = {}
@@ -140,10 +140,9 @@ class IncrementalQuantization(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_only_quantization_callback(trainer, self)
-        run = self._run
-        if run is None or run[0]() is not trainer or run[1]() is not pl_module:
+        if self._model is None or self._model() is not pl_module:
             self.reset_run_state()
-            self._run = (weakref.ref(trainer), weakref.ref(pl_module))
+            self._model = weakref.ref(pl_module)
         sel = self.recipe.layers
         try:
             include = [p for p in sel.include if p != "*"]

@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from typing_extensions import override
@@ -21,6 +20,7 @@ from lightning_quant.callbacks.base import (
     RecipeCallback,
     _quantizers,
     batch_head,
+    batch_size,
     default_forward,
     load_quantizer_state,
     quantizer_state,
@@ -29,14 +29,6 @@ from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_m
 from lightning_quant.nn import QuantizationReport
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.recipes import Recipe
-
-
-def _batch_size(batch: Any) -> int:
-    sizes: list[int] = []
-    apply_to_collection(batch, torch.Tensor, lambda t: sizes.append(t.shape[0]) if t.dim() else None)
-    if not sizes:
-        raise MisconfigurationException("lightning-quant: a calibration batch holds no tensor with a batch dimension")
-    return sizes[0]
 
 
 def progress_label(algorithm: str, stage: str) -> str:
@@ -219,7 +211,7 @@ class PostTrainingQuantization(RecipeCallback):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ptq.seed)
             for batch in source:
-                take = min(_batch_size(batch), ptq.num_samples - seen)
+                take = min(batch_size(batch), ptq.num_samples - seen)
                 batches.append(move_data_to_device(batch_head(batch, take), pl_module.device))
                 seen += take
                 if seen >= ptq.num_samples:
@@ -317,7 +309,7 @@ class PostTrainingQuantization(RecipeCallback):
             for i, loss in enumerate(curve):
                 log_metrics(trainer, {f"ptq_loss/{unit}": loss}, step=i)
         rank_zero_info(
-            f"lightning-quant: {self.recipe.name} calibrated on {sum(_batch_size(b) for b in batches)} samples in "
+            f"lightning-quant: {self.recipe.name} calibrated on {sum(batch_size(b) for b in batches)} samples in "
             f"{self.timings['calibration_s']:.1f}s, reconstruction ({self.recipe.ptq.algorithm}) "
             f"{self.timings['reconstruction_s']:.1f}s"
         )
