@@ -573,6 +573,35 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _graph_tensors(value: Any, found: dict[int, torch.Tensor], depth: int = 0) -> None:
+    """Collect tensors that hold an autograd graph (non-leaf), inside plain containers up to a small depth."""
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            found[id(value)] = value
+    elif depth < 4 and isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _graph_tensors(item, found, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            _graph_tensors(item, found, depth + 1)
+
+
+def _copy_for_export(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also works when the module holds tensors with an autograd graph.
+
+    ``copy.deepcopy`` refuses non-leaf tensors, and modules keep such tensors around after training: a
+    torchmetrics metric called in ``training_step`` caches its last value, a module may store its last output.
+    Those become detached copies here (their graph is of no use to an exported model); parameters and
+    buffers are copied as usual. Export and packing copy through this so they never depend on that state.
+    """
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            _graph_tensors(value, found)
+    memo: dict[int, Any] = {key: tensor.detach().clone() for key, tensor in found.items()}
+    return copy.deepcopy(model, memo)
+
+
 def deploy_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode where every quantized layer is a :class:`DeployLayer`.
 
@@ -583,7 +612,7 @@ def deploy_model(model: nn.Module) -> nn.Module:
     """
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
-    deployed = copy.deepcopy(model).eval()
+    deployed = _copy_for_export(model).eval()
     layers = quantized_layers(deployed)
     grid_layers = _grid_weight_layers(deployed)  # float layers trained onto a grid (INQ): weight-only integer
     if not layers and not grid_layers:

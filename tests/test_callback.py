@@ -12,9 +12,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from wandb_records import history_keys
 
-from lightning_quant import QuantizationAwareTraining
+from lightning_quant import IncrementalQuantization, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
-from lightning_quant.nn import quantized_layers
+from lightning_quant.nn import dequantize_model, quantized_layers
 from lightning_quant.quantizers import Quantizer
 
 
@@ -275,3 +275,140 @@ def test_wandb_offline_run_holds_quantization_metrics(tmp_path):
         assert key in history, key
     assert float(history["model/compression"][0]) > 4
     assert any(k.startswith("quant/sqnr_per_layer") for k in history)  # the per-layer figure
+
+
+@pytest.mark.parametrize("qat_first", [True, False])
+def test_model_pruning_in_either_order_keeps_checkpoints_loadable(tmp_path, qat_first):
+    """ModelPruning rebuilds ``state_dict`` in its own on_save_checkpoint; the quantizer keys must still end up
+    under checkpoint["lightning_quant"] only, whichever callback the user lists first."""
+    pl.seed_everything(0)
+    dm = DigitsDataModule()
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
+    prune = ModelPruning("l1_unstructured", amount=0.3)
+    t = trainer(tmp_path, 1, [qat(), prune] if qat_first else [prune, qat()], limit_train_batches=3)
+    t.fit(model, datamodule=dm)
+    path = tmp_path / "pruned.ckpt"
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if "quantizer" in k]
+    assert ckpt["lightning_quant"]["quantizer_state"]
+    plain = ImageClassifier.load_from_checkpoint(path, net=DigitsCNN(width=8))  # strict
+    assert float((plain.net.features[3].weight == 0).float().mean()) > 0.29  # the pruned weights came along
+    resumed = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
+    prune2 = ModelPruning("l1_unstructured", amount=0.3)
+    callbacks = [qat(), prune2] if qat_first else [prune2, qat()]
+    trainer(tmp_path, 2, callbacks, limit_train_batches=3).fit(resumed, datamodule=dm, ckpt_path=str(path))
+    assert resumed.net.features[3].weight_quantizer._initialized
+
+
+def test_second_fit_with_another_recipe_is_refused_naming_both(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+    dm = DigitsDataModule()
+    trainer(tmp_path, 1, [qat("lsq_w4a4")], limit_train_batches=2).fit(model, datamodule=dm)
+    match = r"quantized with recipe 'lsq_w4a4'.*re-quantized with 'lsq_w2a2'"
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer(tmp_path, 1, [qat("lsq_w2a2")], limit_train_batches=2).fit(model, datamodule=dm)
+    assert model.net.features[3].weight_quantizer.bits == 4  # nothing changed
+    dequantize_model(model)  # back to float: the other recipe now applies
+    trainer(tmp_path, 1, [qat("lsq_w2a2")], limit_train_batches=2).fit(model, datamodule=dm)
+    assert model.net.features[3].weight_quantizer.bits == 2
+
+
+@pytest.mark.parametrize("recipe", ["lsq_w4a4", "minmax_w8a8"])
+def test_a_reused_callback_instance_acts_like_a_fresh_one(tmp_path, recipe):
+    """The same instance in a second Trainer (on a fresh model) must give exactly what a fresh instance gives."""
+    dm = DigitsDataModule(shuffle=False)
+    overrides = ["schedule.observer_steps=2"]
+
+    def run(callback):
+        pl.seed_everything(0)
+        model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=1)
+        trainer(tmp_path, 1, [callback], limit_train_batches=4, limit_val_batches=1).fit(model, datamodule=dm)
+        return quantizer_state(model), callback.quant_steps
+
+    reused = qat(recipe, overrides)
+    run(reused)
+    again, steps = run(reused)
+    fresh, fresh_steps = run(qat(recipe, overrides))
+    assert steps == fresh_steps == 4
+    assert again.keys() == fresh.keys() and fresh
+    differ = [k for k in fresh if not torch.equal(again[k], fresh[k])]
+    assert not differ, differ
+
+
+def test_two_quantization_callbacks_on_one_trainer_are_refused(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+    callbacks = [qat("lsq_w4a4"), PostTrainingQuantization("minmax_w8a8")]
+    with pytest.raises(MisconfigurationException, match=r"two quantization callbacks, .*'lsq_w4a4'.*'minmax_w8a8'"):
+        trainer(tmp_path, 1, callbacks, limit_train_batches=2).fit(model, datamodule=DigitsDataModule())
+    assert not quantized_layers(model)  # refused before any surgery
+
+
+def test_recipe_mismatch_error_lists_only_the_keys_that_differ(tmp_path):
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+    dm = DigitsDataModule()
+    t = trainer(tmp_path, 1, [qat("lsq_w4a4")], limit_train_batches=2)
+    t.fit(model, datamodule=dm)
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    other = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
+    with pytest.raises(MisconfigurationException) as err:
+        trainer(tmp_path, 2, [qat("lsq_w4a4", weight_bits=3)], limit_train_batches=2).fit(
+            other, datamodule=dm, ckpt_path=str(tmp_path / "a.ckpt")
+        )
+    message = str(err.value)
+    assert "different recipe, 'lsq_w4a4', than this callback's 'lsq_w4a4'" in message
+    assert "weights.bits: 4 -> 3" in message
+    assert len(message.splitlines()) <= 3  # the header and the one differing key, not the whole recipe
+
+
+class NoExampleModel(ImageClassifier):
+    """Most models set no example_input_array; this one also carries an Embedding (not quantized by default)."""
+
+    def __init__(self):
+        super().__init__(DigitsCNN(width=8), optimizer="sgd", epochs=1)
+        self.example_input_array = None
+        self.extra = nn.Embedding(4, 4)
+
+
+def test_macs_and_bops_come_from_the_first_batch_without_example_input(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    t = trainer(tmp_path, 1, [qat()], logger=logger, limit_train_batches=2, limit_val_batches=1)
+    t.fit(NoExampleModel(), datamodule=DigitsDataModule())
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("model/bops_ratio")]
+    ratio = float(rows[0]["model/bops_ratio"])
+    assert 4 * 4 / 32**2 < ratio < 8 * 8 / 32**2  # between W4A4 and W8A8 (first and last layers at 8 bits)
+
+
+def test_summary_that_cannot_run_a_forward_says_so(tmp_path):
+    with pytest.warns(UserWarning, match="summary could not run a forward.*MACs and BOPs are not reported"):
+        trainer(tmp_path, 1, [qat()], limit_train_batches=2).fit(KwargsModel(), datamodule=DigitsDataModule())
+
+
+def test_left_in_float_warning_is_given_once_per_model(tmp_path):
+    model = NoExampleModel()
+    t = trainer(tmp_path, 1, [qat()], limit_train_batches=2, limit_val_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(model, datamodule=DigitsDataModule())
+        t.validate(model, datamodule=DigitsDataModule(), verbose=False)
+        t.test(model, datamodule=DigitsDataModule(), verbose=False)
+    assert len([w for w in caught if "left in float: 'extra' (Embedding)" in str(w.message)]) == 1
+
+
+def test_a_reused_inq_callback_acts_like_a_fresh_one(tmp_path):
+    def run(callback):
+        pl.seed_everything(0)
+        model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=2)
+        trainer(tmp_path, 2, [callback], limit_train_batches=2, limit_val_batches=0).fit(
+            model, datamodule=DigitsDataModule(shuffle=False)
+        )
+        return model.state_dict()
+
+    reused = IncrementalQuantization("inq_4bit", overrides=["inq.epochs=[0,1,2,3]"])
+    run(reused)
+    again = run(reused)
+    fresh = run(IncrementalQuantization("inq_4bit", overrides=["inq.epochs=[0,1,2,3]"]))
+    differ = [k for k in fresh if not torch.equal(again[k], fresh[k])]
+    assert not differ, differ

@@ -400,3 +400,36 @@ def test_missing_calibration_data_is_a_clear_error(float_model):
     cb = PostTrainingQuantization("minmax_w8a8", overrides=QUICK, calibration_dataloader=loader.train_dataloader())
     assert _trainer([cb]).validate(model, dataloaders=loader.val_dataloader(), verbose=False)[0]["val_acc"] > 0.5
     assert math.isfinite(cb.last_comparison["output_sqnr_db"])
+
+
+def test_gptq_names_itself_in_the_layer_table_and_the_progress_bar(capsys):
+    """The method column said 'observer' (GPTQ's grid comes from an observer, its values from GPTQ) and the
+    progress bar read 'gptq gptq'."""
+    pl.seed_everything(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = ImageClassifier(net)
+    cb = PostTrainingQuantization("gptq_w4g128", overrides=["weights.group_size=16"], num_samples=64)
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True, callbacks=[cb]
+    )
+    trainer.validate(model, datamodule=DigitsDataModule(), verbose=False)
+    rows = {r.name: r for r in cb.report.layers}
+    assert rows["net.1"].method == rows["net.3"].method == "gptq"
+    assert "observer" not in cb.report.table()
+    err = capsys.readouterr().err
+    assert "lightning-quant gptq: 1/2" in err and "gptq gptq" not in err
+
+
+def test_a_reused_callback_calibrates_a_new_model_like_a_fresh_one(float_model):
+    """The same PTQ instance in a second Trainer must not think the new model is calibrated already."""
+    reused = PostTrainingQuantization("minmax_w8a8", overrides=QUICK, num_samples=100)
+    _trainer([reused]).validate(copy.deepcopy(float_model), datamodule=DigitsDataModule(), verbose=False)
+    second = copy.deepcopy(float_model)
+    _trainer([reused]).validate(second, datamodule=DigitsDataModule(), verbose=False)
+    fresh = copy.deepcopy(float_model)
+    _trainer([PostTrainingQuantization("minmax_w8a8", overrides=QUICK, num_samples=100)]).validate(
+        fresh, datamodule=DigitsDataModule(), verbose=False
+    )
+    a, b = second.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

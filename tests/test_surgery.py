@@ -1,10 +1,19 @@
+import re
+
 import pytest
 import torch
 import torch.fx
 from torch import nn
 
 from lightning_quant.algorithms import set_quant_state
-from lightning_quant.nn import LayerOverride, LayerSelection, dequantize_model, quantize_model, summarize
+from lightning_quant.nn import (
+    LayerOverride,
+    LayerSelection,
+    LayerSelectionError,
+    dequantize_model,
+    quantize_model,
+    summarize,
+)
 from lightning_quant.nn.modules import QuantConv2d, QuantizedLayer
 from lightning_quant.quantizers import QuantizerConfig
 
@@ -305,3 +314,20 @@ def test_bit_aware_summary():
     assert "float total" in s.table()
     # the summary forward changed no quantizer state
     assert not net[3].weight_quantizer._initialized
+
+
+@pytest.mark.parametrize(
+    ("key", "selection"),
+    [
+        ("layers.quantize_outputs", LayerSelection(quantize_outputs=["3", "blocks.*"])),
+        ("layers.quantize_inputs", LayerSelection(quantize_inputs=["blocks.*"])),
+        ("layers.include", LayerSelection(include=["0", "blocks.*"])),
+        ("layers.exclude", LayerSelection(exclude=["blocks.*"])),
+        ("layers.overrides[0].pattern", LayerSelection(overrides=[LayerOverride(pattern="blocks.*", skip=True)])),
+    ],
+)
+def test_a_glob_that_matches_no_module_is_refused_by_name(key, selection):
+    net = small_net()
+    with pytest.raises(LayerSelectionError, match=rf"{re.escape(key)}: the glob 'blocks\.\*' matches no module"):
+        quantize_model(net, W4, A4, selection)
+    assert not any(isinstance(m, QuantizedLayer) for m in net.modules())  # refused before any change

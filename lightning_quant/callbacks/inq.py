@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -30,7 +31,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_quant.callbacks.diagnostics import log_metrics
+from lightning_quant.callbacks.guards import check_only_quantization_callback
 from lightning_quant.nn.modules import quantized_class, selection_name
+from lightning_quant.nn.report import LayerSelectionError, check_globs
 from lightning_quant.nn.surgery import clean_name
 from lightning_quant.recipes import Recipe, RecipeError, load_recipe
 
@@ -84,6 +87,8 @@ class IncrementalQuantization(Callback):
         trainer.fit(model, datamodule=dm)
     """
 
+    quantizes_model = True  # one such callback per Trainer
+
     def __init__(
         self, recipe: Union[str, dict, DictConfig, Recipe] = "inq_5bit", overrides: Optional[list[str]] = None
     ):
@@ -96,6 +101,12 @@ class IncrementalQuantization(Callback):
                 f"{self.recipe.source}: kind={self.recipe.kind!r} is not allowed for IncrementalQuantization; "
                 "allowed: ['inq']"
             )
+        self._model: Optional[weakref.ref] = None  # the model of the current run
+        self._hooked: set[int] = set()  # weights whose gradient this instance masks (hooks stay for their life)
+        self.reset_run_state()
+
+    def reset_run_state(self) -> None:
+        """Forget a previous run's stages and masks (on another model): a reused instance acts as a new one."""
         self.exponents: dict[str, tuple[int, int]] = {}
         self.ternary: dict[str, tuple[float, float]] = {}  # ELQ: (threshold, alpha) per layer
         self.grad_mean: dict[str, torch.Tensor] = {}
@@ -103,7 +114,6 @@ class IncrementalQuantization(Callback):
         self.masks: dict[str, torch.Tensor] = {}
         self.frozen: dict[str, torch.Tensor] = {}
         self.stage = -1
-        self._hooked: set[int] = set()
 
     @property
     @override
@@ -129,6 +139,16 @@ class IncrementalQuantization(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_only_quantization_callback(trainer, self)
+        if self._model is None or self._model() is not pl_module:
+            self.reset_run_state()
+            self._model = weakref.ref(pl_module)
+        sel = self.recipe.layers
+        try:
+            include = [p for p in sel.include if p != "*"]
+            check_globs(pl_module, {"layers.include": include, "layers.exclude": list(sel.exclude)})
+        except LayerSelectionError as err:
+            raise MisconfigurationException(f"{self.recipe.source}: {err}") from err
         layers = self.layers(pl_module)
         if not layers:
             raise MisconfigurationException(

@@ -10,46 +10,30 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_quant.algorithms import ALGORITHMS, Step, calibrate, finalize, set_quant_state
 from lightning_quant.algorithms.normtweak import find_causal_lm, generate_calibration_data
-from lightning_quant.callbacks.base import RecipeCallback, _quantizers, load_quantizer_state, quantizer_state
+from lightning_quant.callbacks.base import (
+    RecipeCallback,
+    _quantizers,
+    batch_head,
+    batch_size,
+    default_forward,
+    load_quantizer_state,
+    quantizer_state,
+)
 from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
-from lightning_quant.nn import summarize
+from lightning_quant.nn import QuantizationReport
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.recipes import Recipe, override_list
 
 
-def _batch_size(batch: Any) -> int:
-    sizes: list[int] = []
-    apply_to_collection(batch, torch.Tensor, lambda t: sizes.append(t.shape[0]) if t.dim() else None)
-    if not sizes:
-        raise MisconfigurationException("lightning-quant: a calibration batch holds no tensor with a batch dimension")
-    return sizes[0]
-
-
-def _head(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch (every tensor with a batch dimension is sliced)."""
-    return apply_to_collection(batch, torch.Tensor, lambda t: t[:n] if t.dim() else t)
-
-
-def default_forward(module: torch.nn.Module, batch: Any) -> Any:
-    """How a calibration batch reaches the model when the LightningModule defines no ``calibration_forward``:
-    a tensor is the input, a list/tuple's first item is the input, a dict is passed as keyword arguments."""
-    if isinstance(batch, torch.Tensor):
-        return module(batch)
-    if isinstance(batch, (list, tuple)):
-        return module(batch[0])
-    if isinstance(batch, dict):
-        return module(**batch)
-    raise MisconfigurationException(
-        f"lightning-quant: cannot feed a calibration batch of type {type(batch).__name__} to the model; "
-        "define `calibration_forward(self, batch)` on your LightningModule"
-    )
+def progress_label(algorithm: str, stage: str) -> str:
+    """The reconstruction progress bar's title: the algorithm, and its stage where that says more."""
+    return f"lightning-quant {algorithm}" if stage == algorithm else f"lightning-quant {algorithm} {stage}"
 
 
 class PostTrainingQuantization(RecipeCallback):
@@ -111,13 +95,32 @@ class PostTrainingQuantization(RecipeCallback):
         self.calibration_data = None if isinstance(calibration_dataloader, str) else calibration_dataloader
         self.at_fit_end = at_fit_end
         self.compare_float = compare_float
+
+    @override
+    def reset_run_state(self) -> None:
+        super().reset_run_state()
         self.calibrated = False
         self.calibration_source = ""  # where the last calibration data came from: generated, train, val, given
         self.timings: dict[str, float] = {}
         self.curves: dict[str, list[float]] = {}
+        handle = getattr(self, "_compare_handle", None)
+        if handle is not None:
+            handle.remove()
         self._compare_handle: Any = None
         self._agreement: list[tuple[float, float]] = []
         self.last_comparison: dict[str, float] = {}  # output SQNR and top-1 agreement of the last evaluation
+
+    @override
+    def label_methods(self, report: QuantizationReport) -> None:
+        """A reconstruction algorithm (GPTQ, AdaRound, ...) sets the weights; the observers only start its grid."""
+        algorithm = self.recipe.ptq.algorithm
+        if algorithm == "none":
+            return
+        acts = self.recipe.activations
+        act_label = (acts.observer if acts.method == "observer" else acts.method) if acts.enabled else ""
+        for row in report.quantized:
+            if row.weight_bits is not None:
+                row.method = f"{algorithm}/{act_label}" if act_label and row.activation_bits is not None else algorithm
 
     def check_recipe(self, recipe: Recipe) -> None:
         super().check_recipe(recipe)
@@ -136,6 +139,7 @@ class PostTrainingQuantization(RecipeCallback):
     # -- set-up ------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.begin_setup(trainer, pl_module)
         blocks = self.recipe.ptq.blocks
         if blocks is not None:
             try:
@@ -207,8 +211,8 @@ class PostTrainingQuantization(RecipeCallback):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ptq.seed)
             for batch in source:
-                take = min(_batch_size(batch), ptq.num_samples - seen)
-                batches.append(move_data_to_device(_head(batch, take), pl_module.device))
+                take = min(batch_size(batch), ptq.num_samples - seen)
+                batches.append(move_data_to_device(batch_head(batch, take), pl_module.device))
                 seen += take
                 if seen >= ptq.num_samples:
                     break
@@ -235,6 +239,8 @@ class PostTrainingQuantization(RecipeCallback):
 
     def _quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batches = self._calibration_batches(trainer, pl_module)
+        if self.export_path is not None:
+            self.export_example(pl_module, batches[0])  # an input export cannot take is refused before the work
         run_batch = self._run_batch(pl_module)
         ptq = self.recipe.ptq
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
@@ -268,7 +274,7 @@ class PostTrainingQuantization(RecipeCallback):
 
                 def progress(step: Step) -> None:
                     bar.set_description(
-                        f"lightning-quant {ptq.algorithm} {step.stage}: {step.index + 1}/{step.total} {step.unit}"
+                        f"{progress_label(ptq.algorithm, step.stage)}: {step.index + 1}/{step.total} {step.unit}"
                     )
                     bar.total = step.iterations
                     bar.n = step.iteration
@@ -294,14 +300,16 @@ class PostTrainingQuantization(RecipeCallback):
     def _log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:
         metrics: dict[str, float] = {f"ptq/{k}": v for k, v in self.timings.items()}
         metrics.update(weight_metrics(pl_module))
-        example = getattr(pl_module, "example_input_array", None)
-        metrics.update(summarize(pl_module, example).metrics())
+        run_batch = self._run_batch(pl_module)
+        sample = batch_head(batches[0], 1)  # one sample, as example_input_array usually is
+        forward = None if getattr(pl_module, "example_input_array", None) is not None else lambda: run_batch(sample)
+        metrics.update(self.summarize(trainer, pl_module, forward).metrics())
         log_metrics(trainer, metrics)
         for unit, curve in self.curves.items():
             for i, loss in enumerate(curve):
                 log_metrics(trainer, {f"ptq_loss/{unit}": loss}, step=i)
         rank_zero_info(
-            f"lightning-quant: {self.recipe.name} calibrated on {sum(_batch_size(b) for b in batches)} samples in "
+            f"lightning-quant: {self.recipe.name} calibrated on {sum(batch_size(b) for b in batches)} samples in "
             f"{self.timings['calibration_s']:.1f}s, reconstruction ({self.recipe.ptq.algorithm}) "
             f"{self.timings['reconstruction_s']:.1f}s"
         )

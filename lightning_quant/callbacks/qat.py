@@ -10,9 +10,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import RecipeCallback, _quantizers
+from lightning_quant.callbacks.base import RecipeCallback, _quantizers, batch_head, default_forward
 from lightning_quant.callbacks.diagnostics import ActivationRecorder, log_metrics, log_plots, weight_metrics
-from lightning_quant.nn import quantized_layers, set_bn_frozen, summarize
+from lightning_quant.nn import quantized_layers, set_bn_frozen
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.recipes import Recipe
 
@@ -49,9 +49,16 @@ class QuantizationAwareTraining(RecipeCallback):
         export_format: Optional[str] = None,
     ) -> None:
         super().__init__(recipe, overrides, weight_bits, activation_bits, export_path, export_format)
+
+    @override
+    def reset_run_state(self) -> None:
+        super().reset_run_state()
         self.quant_steps = 0  # training steps taken with quantization on
         self._active = False
         self._warned_uninitialized = False
+        self._uninitialized = False
+        self._recorder: Optional[ActivationRecorder] = None
+        self._val_recorder: Optional[ActivationRecorder] = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -62,6 +69,7 @@ class QuantizationAwareTraining(RecipeCallback):
     # -- model preparation -------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.begin_setup(trainer, pl_module)
         self.prepare(pl_module)
         # Quantizers stay off until the first training batch (fit) or the evaluation loop starts, so that
         # sanity checks and example-input forwards (model summaries) do not initialise ranges from dummy data.
@@ -69,8 +77,18 @@ class QuantizationAwareTraining(RecipeCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        example = getattr(pl_module, "example_input_array", None)
-        summary = summarize(pl_module, example)
+        if getattr(pl_module, "example_input_array", None) is None:
+            self._summary_pending = True  # MACs/BOPs are measured on the first training batch instead
+            return
+        self._log_summary(trainer, pl_module)
+
+    def _log_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> None:
+        forward = None
+        if batch is not None:
+            custom = getattr(pl_module, "calibration_forward", None)
+            sample = batch_head(batch, 1)  # one sample, as example_input_array usually is
+            forward = (lambda: custom(sample)) if callable(custom) else (lambda: default_forward(pl_module, sample))
+        summary = self.summarize(trainer, pl_module, forward)
         if self.recipe.diagnostics.summary:
             rank_zero_info(f"lightning-quant: bit-aware summary\n{summary.table()}")
         log_metrics(trainer, summary.metrics())
@@ -98,6 +116,11 @@ class QuantizationAwareTraining(RecipeCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.export_path is not None and self._example is None:
+            self.export_example(pl_module, batch)  # kept for on_fit_end; a non-tensor input is refused now
+        if self._summary_pending:
+            self._summary_pending = False
+            self._log_summary(trainer, pl_module, batch)
         self._apply_schedule(trainer, training=True)
         self._uninitialized = any(not q._initialized for q in _quantizers(pl_module) if q.fake_quant_enabled)
         every = self.recipe.diagnostics.every_n_steps
@@ -174,7 +197,7 @@ class QuantizationAwareTraining(RecipeCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        recorder = getattr(self, "_val_recorder", None)
+        recorder = self._val_recorder
         if recorder is None:
             return
         self._val_recorder = None

@@ -1,6 +1,7 @@
 """Quantized layers, model surgery and the bit-aware summary (no Lightning import)."""
 
 from lightning_quant.nn.modules import QUANTIZED_CLASSES, QuantizedLayer
+from lightning_quant.nn.report import LayerSelectionError
 from lightning_quant.nn.summary import ModelSummary, summarize
 from lightning_quant.nn.surgery import (
     LayerOverride,
@@ -16,6 +17,7 @@ __all__ = [
     "QUANTIZED_CLASSES",
     "LayerOverride",
     "LayerSelection",
+    "LayerSelectionError",
     "ModelSummary",
     "QuantizationReport",
     "QuantizedLayer",

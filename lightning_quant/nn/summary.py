@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
-from lightning_quant.nn.surgery import clean_name, format_table
+from lightning_quant.nn.report import clean_name, format_table
 
 _FLOAT_BITS = 32
 
@@ -81,15 +82,22 @@ class ModelSummary:
     def float_bops(self) -> int:
         return self.macs * _FLOAT_BITS * _FLOAT_BITS
 
+    @property
+    def measured(self) -> bool:
+        """Whether MACs (and so BOPs) were measured by a forward pass."""
+        return self.macs > 0
+
     def metrics(self) -> dict[str, float]:
-        """Model-level numbers for a logger."""
-        return {
+        """Model-level numbers for a logger (``model/bops_ratio`` only when MACs were measured)."""
+        metrics = {
             "model/effective_bits": self.effective_bits,
             "model/size_mb": self.size_mb,
             "model/float_size_mb": self.float_size_mb,
             "model/compression": self.compression,
-            "model/bops_ratio": self.bops / max(self.float_bops, 1),
         }
+        if self.measured:
+            metrics["model/bops_ratio"] = self.bops / self.float_bops
+        return metrics
 
     def table(self) -> str:
         """Plain-text table with one row per layer and a totals row against float."""
@@ -144,7 +152,9 @@ class ModelSummary:
             )
         )
         text = format_table(head, rows)
-        return text + f"\ncompression {self.compression:.2f}x, BOPs {self.bops / max(self.float_bops, 1):.3%} of float"
+        if not self.measured:
+            return text + f"\ncompression {self.compression:.2f}x, MACs/BOPs not measured (no forward was run)"
+        return text + f"\ncompression {self.compression:.2f}x, BOPs {self.bops / self.float_bops:.3%} of float"
 
 
 def _layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
@@ -168,11 +178,14 @@ def _bits(module: nn.Module) -> tuple[int, int]:
     return _FLOAT_BITS, _FLOAT_BITS
 
 
-def summarize(model: nn.Module, example_input: Optional[Any] = None) -> ModelSummary:
+def summarize(
+    model: nn.Module, example_input: Optional[Any] = None, forward: Optional[Callable[[], Any]] = None
+) -> ModelSummary:
     """Summarise ``model``; with ``example_input`` (a tensor, tuple or dict) MACs are measured by one forward.
 
-    The forward runs in eval mode without gradients and with fake quantization switched off, so no
-    observer, quantizer or BatchNorm state changes. Batch size is taken from the example as given.
+    ``forward`` (no arguments) runs the model another way instead, e.g. on a real batch the way the training
+    step feeds it. The forward runs in eval mode without gradients and with fake quantization switched off, so
+    no observer, quantizer or BatchNorm state changes. Batch size is taken from the example as given.
     """
     layer_types = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
     summary = ModelSummary()
@@ -198,7 +211,7 @@ def summarize(model: nn.Module, example_input: Optional[Any] = None) -> ModelSum
         summary.layers.append(row)
         counted.update(id(p) for p in m.parameters(recurse=False))
     summary.other_params = sum(p.numel() for p in model.parameters() if id(p) not in counted)
-    if example_input is None:
+    if example_input is None and forward is None:
         return summary
     modules = {id(m): m for m in model.modules() if id(m) in rows}
     hooks = [
@@ -215,7 +228,9 @@ def summarize(model: nn.Module, example_input: Optional[Any] = None) -> ModelSum
             q.fake_quant_enabled = False
         model.eval()
         with torch.no_grad():
-            if isinstance(example_input, dict):
+            if forward is not None:
+                forward()
+            elif isinstance(example_input, dict):
                 model(**example_input)
             elif isinstance(example_input, (tuple, list)):
                 model(*example_input)

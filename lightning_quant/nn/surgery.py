@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import functools
-import itertools
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Optional
 
-import torch
 from torch import nn
 
+from lightning_quant.nn.boundaries import quantize_module_boundaries, remove_boundary_quantizers
 from lightning_quant.nn.modules import (
     FOLDED_BN_CLASSES,
     QUANTIZED_CLASSES,
@@ -26,6 +24,15 @@ from lightning_quant.nn.modules import (
     quantized_class,
     selection_name,
     swap_class,
+)
+from lightning_quant.nn.report import (  # noqa: F401  (format_table and LayerReport are imported from here too)
+    LayerReport,
+    LayerSelectionError,
+    QuantizationReport,
+    check_globs,
+    clean_name,
+    format_table,
+    matches,
 )
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig, build_quantizer
 from lightning_quant.quantizers.functional import num_groups
@@ -47,6 +54,10 @@ _PASSIVE = (
     nn.PReLU,
     nn.modules.instancenorm._InstanceNorm,
 )
+
+# set on a model by the callbacks (in its __dict__, not its state): (name, source, fingerprint) of the recipe its
+# layers were quantized with, so that quantizing it again under another recipe is refused
+RECIPE_ATTR = "_lightning_quant_recipe"
 
 
 @dataclass
@@ -79,62 +90,15 @@ class LayerSelection:
     quantize_inputs: list[str] = field(default_factory=list)
 
 
-@dataclass
-class LayerReport:
-    """One row of the surgery summary."""
-
-    name: str
-    type: str
-    status: str  # quantized, float, folded
-    weight_bits: Optional[int] = None
-    activation_bits: Optional[int] = None
-    method: str = ""
-    reason: str = ""
-
-
-@dataclass
-class QuantizationReport:
-    """What :func:`quantize_model` did, layer by layer, with warnings for what it could not handle."""
-
-    layers: list[LayerReport] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def quantized(self) -> list[LayerReport]:
-        return [r for r in self.layers if r.status == "quantized"]
-
-    def table(self) -> str:
-        """Plain-text table of every considered layer."""
-        head = ("layer", "type", "status", "W bits", "A bits", "method", "note")
-        rows = [
-            (
-                r.name,
-                r.type,
-                r.status,
-                "-" if r.weight_bits is None else str(r.weight_bits),
-                "-" if r.activation_bits is None else str(r.activation_bits),
-                r.method,
-                r.reason,
-            )
-            for r in self.layers
-        ]
-        return format_table(head, rows)
-
-
-def format_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    """Left-aligned plain-text table with a header rule."""
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)])
-
-
-def clean_name(name: str) -> str:
-    """Module name without ``torch.compile``'s ``_orig_mod`` segments, as users write it in globs."""
-    return ".".join(p for p in name.split(".") if p != "_orig_mod")
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def selection_globs(layers: LayerSelection) -> dict[str, list[str]]:
+    """Every name glob of a layer selection, by its recipe key (each must match some module)."""
+    return {
+        "layers.include": [p for p in layers.include if p != "*"],
+        "layers.exclude": list(layers.exclude),
+        **{f"layers.overrides[{i}].pattern": [ov.pattern] for i, ov in enumerate(layers.overrides)},
+        "layers.quantize_outputs": list(layers.quantize_outputs),
+        "layers.quantize_inputs": list(layers.quantize_inputs),
+    }
 
 
 def _edge_config(rule: str, cfg: QuantizerConfig) -> Optional[QuantizerConfig]:
@@ -172,12 +136,14 @@ def quantize_model(
 
     Layers that are already quantized are kept as they are (so a second call, or a second ``fit``, is
     harmless). Layers with parameters that cannot be quantized stay in float and are named in
-    ``report.warnings``. Example::
+    ``report.warnings``. A name glob (``include``, ``exclude``, an override's ``pattern``, ``quantize_outputs``,
+    ``quantize_inputs``) that matches no module raises :class:`LayerSelectionError`. Example::
 
         report = quantize_model(net, QuantizerConfig(method="lsq", bits=4), QuantizerConfig(method="lsq", bits=4))
         print(report.table())
     """
     layers = layers or LayerSelection()
+    check_globs(model, selection_globs(layers))
     report = QuantizationReport()
     seen: set[int] = set()
     candidates: list[tuple[str, nn.Module]] = []
@@ -214,7 +180,7 @@ def quantize_model(
         if isinstance(module, QuantizedLayer):
             report.layers.append(_existing_row(name, module))
             continue
-        if not _matches(name, layers.include) or _matches(name, layers.exclude):
+        if not matches(name, layers.include) or matches(name, layers.exclude):
             report.layers.append(
                 LayerReport(name, type(module).__name__, "float", reason="excluded by layers.include/exclude")
             )
@@ -240,81 +206,17 @@ def quantize_model(
         if skipped:
             report.layers.append(LayerReport(name, type(module).__name__, "float", reason=reason))
             continue
-        output = acfg is not None and _matches(name, layers.quantize_outputs)
+        output = acfg is not None and matches(name, layers.quantize_outputs)
         _convert(module, wcfg, acfg, fold.get(module), output)
         row = _existing_row(name, module)  # type: ignore[arg-type]
         notes = (reason, "BN folded" if module in fold else "", "output quantized" if output else "")
         row.reason = ", ".join(x for x in notes if x)
         report.layers.append(row)
     if activations.enabled:
-        _quantize_module_boundaries(model, activations, layers.quantize_inputs, "input", report)
-        _quantize_module_boundaries(model, activations, layers.quantize_outputs, "output", report)
+        quantize_module_boundaries(model, activations, layers.quantize_inputs, "input", report)
+        quantize_module_boundaries(model, activations, layers.quantize_outputs, "output", report)
     name_quantizers(model)  # errors (non-finite input) name the quantizer: conv1.input_quantizer
     return report
-
-
-# ids of the hooks that apply a non-layer module's boundary quantizers: input (pre-hook) and output (hook)
-_HOOK_KEYS = {"input": "_lightning_quant_input_hook", "output": "_lightning_quant_output_hook"}
-
-
-def _boundary_tensor(name: str, side: str, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"layers.quantize_{side}s matched '{name}', whose {side} is a {type(value).__name__}; only a module "
-            f"{'taking' if side == 'input' else 'returning'} one tensor can have its {side} quantized"
-        )
-    return value
-
-
-def _input_hook(name: str, module: nn.Module, args: tuple[Any, ...]) -> Any:
-    q = module._modules.get("input_quantizer")
-    if q is None:
-        return None
-    if not args:  # called with keyword arguments only: there is no first input to quantize
-        raise TypeError(f"layers.quantize_inputs matched '{name}', which was called without a positional input")
-    return (q(_boundary_tensor(name, "input", args[0])), *args[1:])
-
-
-def _output_hook(name: str, module: nn.Module, args: Any, output: Any) -> Any:
-    q = module._modules.get("output_quantizer")
-    if q is None:
-        return output
-    return q(_boundary_tensor(name, "output", output))
-
-
-def _quantize_module_boundaries(
-    model: nn.Module, cfg: QuantizerConfig, patterns: list[str], side: str, report: Any
-) -> None:
-    """Input or output quantizers, applied by a hook, on matched modules that are not layers (e.g. residual blocks).
-
-    Quantized layers quantize their own input and output; layers left in float and the quantizers themselves are
-    skipped. The quantizer is the module's child ``input_quantizer``/``output_quantizer``, so it is checkpointed.
-    """
-    inside: set[int] = set()
-    attr = f"{side}_quantizer"
-    for raw_name, module in model.named_modules():
-        name = clean_name(raw_name)
-        if isinstance(module, (QuantizedLayer, OptionalStateModule)):
-            inside.update(id(m) for m in module.modules() if m is not module)
-        if not name or id(module) in inside or not _matches(name, patterns):
-            continue
-        if isinstance(module, (QuantizedLayer, OptionalStateModule, FoldedBatchNorm)):
-            continue
-        if quantized_class(type(module)) is not None:
-            continue  # a layer the recipe left in float stays float
-        if attr not in module._modules:
-            anchor = next(itertools.chain(module.parameters(), module.buffers(), model.parameters()), None)
-            q = build_quantizer(cfg, "activation", 1)
-            module.add_module(attr, q.to(anchor.device) if anchor is not None else q)
-        if _HOOK_KEYS[side] not in module.__dict__:
-            if side == "input":
-                handle = module.register_forward_pre_hook(functools.partial(_input_hook, name))
-            else:
-                handle = module.register_forward_hook(functools.partial(_output_hook, name))
-            module.__dict__[_HOOK_KEYS[side]] = handle.id  # an id, not the handle: model copies stay independent
-        report.layers.append(
-            LayerReport(name, type(module).__name__, "quantized", None, cfg.bits, cfg.method, f"{side} quantized")
-        )
 
 
 def _existing_row(name: str, module: QuantizedLayer) -> LayerReport:
@@ -372,6 +274,7 @@ def _convert(
 
 def dequantize_model(model: nn.Module) -> None:
     """Undo :func:`quantize_model` in place: float classes back, quantizers removed, BatchNorm unfolded."""
+    model.__dict__.pop(RECIPE_ATTR, None)
     for module in list(model.modules()):
         if isinstance(module, QuantizedLayer):
             del module.weight_quantizer
@@ -384,10 +287,7 @@ def dequantize_model(model: nn.Module) -> None:
         elif isinstance(module, FoldedBatchNorm):
             swap_class(module, type(module).float_class)
         else:
-            for side, hooks in (("input", module._forward_pre_hooks), ("output", module._forward_hooks)):
-                if _HOOK_KEYS[side] in module.__dict__:
-                    hooks.pop(module.__dict__.pop(_HOOK_KEYS[side]), None)
-                    module._modules.pop(f"{side}_quantizer", None)
+            remove_boundary_quantizers(module)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
