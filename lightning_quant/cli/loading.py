@@ -68,11 +68,11 @@ def load_tensors(path: Path, what: str) -> Any:
     except FileNotFoundError as err:
         raise SystemExit(f"error: {what} {str(path)!r} does not exist") from err
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported (global|operand)[^\n]*", str(err))
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        refused = f" ({found.group(1)})" if found else ""
         raise SystemExit(
-            f"error: {what} {str(path)!r} holds objects that are not allowed (only tensors, numbers, strings and "
-            f"plain containers are loaded, weights_only=True); it was not loaded and nothing in it ran"
-            + (f" ({found.group(0).rstrip('.')})" if found else "")
+            f"error: {what} {str(path)!r} holds objects that are not allowed{refused}: only tensors, numbers, "
+            "strings and plain containers are loaded (weights_only=True). It was not loaded; nothing in it ran."
         ) from err
 
 
