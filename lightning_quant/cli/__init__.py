@@ -208,6 +208,8 @@ def _export_recipe(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Reci
         if stored is None:
             raise SystemExit(f"error: {args.checkpoint} stores no recipe; name it with --recipe")
         data = yaml.safe_load(stored)
+        if not isinstance(data, dict):
+            raise SystemExit(f"error: {args.checkpoint}: its stored recipe is not a mapping; name one with --recipe")
         data.pop("base", None)  # already merged in; its file may not be here
         return load_recipe(data, overrides)
     recipe = load_recipe(args.recipe, overrides)
