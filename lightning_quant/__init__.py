@@ -7,7 +7,7 @@ from lightning_quant.callbacks import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
 )
-from lightning_quant.deploy import ExportError, export
+from lightning_quant.deploy import ExportError, export, load_program
 from lightning_quant.nn import dequantize_model, quantize_model, summarize
 from lightning_quant.packed import load_packed
 from lightning_quant.recipes import Recipe, RecipeError, list_recipes, load_recipe
@@ -27,6 +27,7 @@ __all__ = [
     "export",
     "list_recipes",
     "load_packed",
+    "load_program",
     "load_recipe",
     "quantize_model",
     "summarize",

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed: .pt2 files load)
 import torch.nn.functional as F
 from torch import nn
 
@@ -729,20 +730,53 @@ def export_onnx(
 
 
 # -- PyTorch int8 (torch.export + inductor) -------------------------------------------------------------------
+def _batch_of_two(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Repeat a batch of one to two: ``torch.export`` fixes every dimension of size 1, and the batch must stay free."""
+    return tuple(
+        a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() and len(a) == 1 else a
+        for a in args
+    )
+
+
+def _free_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Dimensions of size 2 and more may stay dynamic (export fixes those the weights pin down); size 1 is fixed."""
+    return tuple(
+        {d: torch.export.Dim.AUTO for d in range(a.dim()) if a.shape[d] > 1} if isinstance(a, torch.Tensor) else None
+        for a in args
+    )
+
+
 def export_torch(model: nn.Module, example_input: Any, path: Optional[Union[str, Path]] = None) -> Any:
-    """``torch.export`` program of the int8 quantize/dequantize graph (saved with ``torch.export.save`` if ``path``)."""
+    """``torch.export`` program of the int8 quantize/dequantize graph (saved with ``torch.export.save`` if ``path``).
+
+    The batch dimension stays dynamic, even for an example batch of one (traced as a batch of two). Load the
+    file with :func:`load_program`.
+    """
     deployed = deploy_model(model).cpu()
     blocked = [n for n, m in deployed.named_modules() if getattr(m, "blocks", None) is not None]
     if blocked:
         raise ExportError(f"'{blocked[0]}': per-group weights have no int8 kernel in PyTorch; use format='onnx'")
-    args = _cpu_args(example_input)
-    program = torch.export.export(deployed, args, dynamic_shapes=_batch_dims(args))
+    args = _batch_of_two(_cpu_args(example_input))
+    program = torch.export.export(deployed, args, dynamic_shapes=_free_dims(args))
     _propagate_qdq_fx(program.graph_module)
     _drop_requantization_fx(program.graph_module)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, str(path))
+        with open(path, "wb") as file:  # a file object: torch.export.save warns on names not ending in .pt2
+            torch.export.save(program, file)
     return program
+
+
+def load_program(path: Union[str, Path]) -> Any:
+    """Load a ``.pt2`` program written by :func:`export` (or :func:`export_torch`); run it with
+    ``load_program(path).module()(x)``, or compile it with :func:`compile_int8`.
+
+    Plain ``torch.export.load`` works as well once ``lightning_quant`` (which registers torch's
+    ``quantized_decomposed`` ops that the graph calls) is imported. Nothing is unpickled.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{str(path)!r}: no such .pt2 file")
+    return torch.export.load(str(path))
 
 
 def _propagate_qdq_fx(graph_module: torch.fx.GraphModule) -> int:
@@ -810,12 +844,13 @@ def _drop_requantization_fx(graph_module: torch.fx.GraphModule) -> int:
     return skipped
 
 
-def compile_int8(program: Any, dynamic: Optional[bool] = None) -> Any:
+def compile_int8(program: Any, dynamic: Optional[bool] = False) -> Any:
     """Compile an exported int8 program with inductor and freezing, so that its x86 passes pick oneDNN int8 kernels.
 
     The module that ``program.module()`` returns checks the structure of its inputs in Python on every call
     (about 60 µs here, a sixth of the digits CNN's batch-1 latency); the compiled module guards its inputs
-    itself, so that check is dropped.
+    itself, so that check is dropped. Each input shape is compiled once (``dynamic=False``): with symbolic
+    shapes, inductor's x86 int8 convolution lowering fails a stride check in torch 2.13 at the second batch size.
     """
     import torch._inductor.config as inductor_config
 

@@ -1,9 +1,15 @@
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 
+import lightning_quant
 from lightning_quant.cli import main
+
+CLI = str(Path(sys.executable).with_name("lightning-quant"))  # the console script: no working directory on sys.path
 
 
 def test_recipes_command_lists_descriptions(capsys):
@@ -38,7 +44,7 @@ def test_fit_main_job_prints_result_table(tmp_path, capsys):
     # second run loads the cached float baseline
     run_quick_fit(tmp_path, "minmax_w8a8", "--set", "weights.bits=6")
     out = capsys.readouterr().out
-    assert "loaded from" in out
+    assert "reused from the cache" in out
     assert "6/8" in out
 
 
@@ -113,3 +119,98 @@ def test_callback_declared_in_a_lightning_cli_yaml(tmp_path):
     assert callback.recipe.weights.bits == 3
     assert callback.quant_steps == 2
     assert cli.model.net.features[3].weight_quantizer.bits == 3
+
+
+def run_cli(cwd, *args):
+    """The installed ``lightning-quant`` command in a fresh process, run from ``cwd``."""
+    return subprocess.run([CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_version():
+    proc = run_cli(".", "--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"lightning-quant {lightning_quant.__version__}"
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the file appears if the loader runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_export_refuses_a_checkpoint_with_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "lightning_quant": {"recipe": _Payload(marker)}}, tmp_path / "evil.ckpt")
+    proc = run_cli(tmp_path, "export", "--checkpoint", "evil.ckpt", "--recipe", "minmax_w8a8", "--output", "m.onnx")
+    assert not marker.exists()  # nothing ran
+    assert proc.returncode != 0
+    assert "evil.ckpt' holds objects that are not allowed" in proc.stderr
+    assert "(io.open)" in proc.stderr  # what was refused
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_model_path_and_export_suffix_fail_before_training(tmp_path):
+    common = ["fit", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "logs")]
+    with pytest.raises(SystemExit, match=r"'\./nope\.py:Net': there is no file './nope\.py'"):
+        main([*common, "--model", "./nope.py:Net"])
+    with pytest.raises(SystemExit, match=r"cannot tell the export format of 'out\.xyz'"):
+        main([*common, "--export", "out.xyz"])
+    assert not (tmp_path / "c").exists()  # no float baseline was trained
+
+
+_USER_MODULE = """
+from lightning_quant.examples import DigitsCNN, ImageClassifier
+
+
+class SmallCNN(ImageClassifier):
+    def __init__(self):
+        super().__init__(DigitsCNN(width=8), epochs=1)
+"""
+
+
+def test_user_model_module_file_edits_and_pt2_deployment(tmp_path):
+    """A user's model next to them (module or file path), edited between runs; the .pt2 exports load elsewhere."""
+    (tmp_path / "mymod.py").write_text(_USER_MODULE)
+    fit = ["fit", "--recipe", "minmax_w8a8", "--epochs", "1", "--float-epochs", "1", "--cache-dir", "c"]
+    proc = run_cli(tmp_path, *fit, "--model", "mymod:SmallCNN", "--checkpoint", "q.ckpt", "--export", "fit.pt2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training the float baseline" in proc.stdout
+    # export finds the recipe in the checkpoint; the model comes from a file path
+    proc = run_cli(tmp_path, "export", "--checkpoint", "q.ckpt", "--model", "./mymod.py:SmallCNN", "--output", "e.pt2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exported minmax_w8a8 (torch)" in proc.stdout
+    proc = run_cli(tmp_path, "export", "--checkpoint", "q.ckpt", "--recipe", "lsq_w4a4", "--output", "x.pt2")
+    assert "quantized with recipe 'minmax_w8a8'" in proc.stderr and not (tmp_path / "x.pt2").exists()
+    # an edit that keeps every shape (the forward doubles the logits) must not reuse the old float baseline
+    edited = _USER_MODULE + "\n    def forward(self, x):\n        return 2 * self.net(x)\n"
+    (tmp_path / "mymod.py").write_text(edited)
+    proc = run_cli(tmp_path, *fit, "--model", "mymod:SmallCNN")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training the float baseline" in proc.stdout and "reused" not in proc.stdout
+    assert len(list((tmp_path / "c").glob("mymod.SmallCNN-*.pt"))) == 2
+    # both programs (exported from a batch of one) load in a fresh process and run any batch size
+    script = textwrap.dedent("""
+        import sys, torch
+        import lightning_quant
+        from lightning_quant.deploy import compile_int8
+        for path in sys.argv[1:]:
+            program = lightning_quant.load_program(path)
+            plain = torch.export.load(path)  # importing lightning_quant registered the ops
+            for batch in (1, 5):
+                x = torch.randn(batch, 1, 8, 8)
+                assert program.module()(x).shape == (batch, 10)
+                assert torch.equal(plain.module()(x), program.module()(x))
+        with torch.no_grad():
+            x = torch.randn(5, 1, 8, 8)
+            got, ref = compile_int8(program)(x), program.module()(x)
+        assert (got.argmax(1) == ref.argmax(1)).all(), (got - ref).abs().max()
+        print("ok")
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "fit.pt2", "e.pt2"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -8,17 +8,17 @@ prints float vs quantized accuracy, size and wall time. ``lightning-quant recipe
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
+from lightning_quant import __version__
 from lightning_quant.callbacks import (
     Binarization,
     IncrementalQuantization,
@@ -26,6 +26,7 @@ from lightning_quant.callbacks import (
     QuantizationAwareTraining,
 )
 from lightning_quant.callbacks.base import load_quantizer_state
+from lightning_quant.cli.loading import baseline_key, import_object, load_tensors, stored_recipe
 from lightning_quant.deploy import ExportError, export, format_for
 from lightning_quant.examples import DigitsDataModule, ImageClassifier
 from lightning_quant.nn import summarize
@@ -33,17 +34,6 @@ from lightning_quant.nn.surgery import format_table
 from lightning_quant.recipes import Recipe, RecipeError, describe_recipes, load_recipe
 
 _LOGGERS = ("csv", "tensorboard", "wandb")
-
-
-def _import(path: str, what: str) -> Any:
-    """Import ``package.module:Name`` (or ``package.module.Name``)."""
-    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise SystemExit(
-            f"error: --{what} {path!r} could not be imported ({err}); use the form 'mypkg.module:ClassName'"
-        )
 
 
 def _default_cache() -> Path:
@@ -102,30 +92,38 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"training.epochs={args.epochs}")
     try:
         recipe: Recipe = load_recipe(args.recipe, overrides)
-    except RecipeError as err:
+        export_format = format_for(args.export, args.format) if args.export else None  # before any training
+    except (RecipeError, ExportError) as err:
         raise SystemExit(f"error: {err}") from err
+    if args.int4_weights and export_format != "onnx":
+        raise SystemExit("error: --int4-weights needs an ONNX export (--export F.onnx)")
     pl.seed_everything(args.seed, workers=True)
     tr = recipe.training
-    datamodule = _import(args.data, "data")() if args.data else DigitsDataModule(batch_size=tr.batch_size)
+    datamodule = import_object(args.data, "data")() if args.data else DigitsDataModule(batch_size=tr.batch_size)
     user_model = args.model is not None
     model: pl.LightningModule = (
-        _import(args.model, "model")()
+        import_object(args.model, "model")()
         if user_model
         else ImageClassifier(optimizer="adam", lr=0.01, epochs=args.float_epochs)
     )
     out_dir = Path(args.output_dir)
 
-    # 1. float baseline, cached by model class, seed and epochs
+    # 1. float baseline, cached by model source and structure, seed and epochs
+    key = baseline_key(model, datamodule)
     cache = (
         Path(args.cache_dir)
-        / f"{type(model).__module__}.{type(model).__qualname__}-seed{args.seed}-e{args.float_epochs}.pt"
+        / f"{type(model).__module__}.{type(model).__qualname__}-seed{args.seed}-e{args.float_epochs}-{key}.pt"
     )
     start = time.perf_counter()
     if cache.is_file() and not args.retrain:
-        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_tensors(cache, "cached float baseline"))
         float_time = "cached"
-        print(f"float baseline loaded from {cache}")
+        print(
+            f"float baseline reused from the cache: {cache} (same model source and structure, seed {args.seed}, "
+            f"{args.float_epochs} epochs; --retrain trains it again)"
+        )
     else:
+        print(f"training the float baseline ({args.float_epochs} epochs); it is cached as {cache}")
         _trainer(args.float_epochs, False, [], out_dir).fit(model, datamodule=datamodule)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -159,7 +157,7 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     if args.export:
         example = next(iter(datamodule.test_dataloader()))[0][:1]
         try:
-            path = export(model, example, args.export, format_for(args.export, args.format), args.int4_weights)
+            path = export(model, example, args.export, export_format, args.int4_weights)
             print(f"exported: {path}")
         except ExportError as err:
             raise SystemExit(f"error: cannot export {recipe.name}: {err}") from err
@@ -202,15 +200,44 @@ def _print_recipes(args: argparse.Namespace) -> None:
     print(format_table(("recipe", "description"), rows))
 
 
+def _export_recipe(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Recipe:
+    """``--recipe`` if given (it must match the checkpoint's), else the recipe stored in the checkpoint."""
+    stored = stored_recipe(checkpoint)
+    overrides = list(args.set or [])
+    if args.recipe is None:
+        if stored is None:
+            raise SystemExit(f"error: {args.checkpoint} stores no recipe; name it with --recipe")
+        data = yaml.safe_load(stored)
+        if not isinstance(data, dict):
+            raise SystemExit(f"error: {args.checkpoint}: its stored recipe is not a mapping; name one with --recipe")
+        data.pop("base", None)  # already merged in; its file may not be here
+        return load_recipe(data, overrides)
+    recipe = load_recipe(args.recipe, overrides)
+    saved = checkpoint.get("lightning_quant")
+    fingerprint = saved.get("fingerprint") if isinstance(saved, dict) else None
+    if fingerprint is not None and fingerprint != recipe.fingerprint():
+        name = yaml.safe_load(stored).get("name") if stored else "?"
+        raise SystemExit(
+            f"error: {args.checkpoint} was quantized with recipe {name!r}, whose weights/activations/layers differ "
+            f"from --recipe {args.recipe!r}; leave --recipe out to use the checkpoint's own"
+        )
+    return recipe
+
+
 def run_export(args: argparse.Namespace) -> None:
-    """Rebuild the quantized model from a checkpoint and its recipe, then export it."""
+    """Rebuild the quantized model from a checkpoint and its recipe (stored in it), then export it."""
     try:
-        recipe = load_recipe(args.recipe, list(args.set or []))
         fmt = format_for(args.output, args.format)
-    except (RecipeError, ExportError) as err:
+    except ExportError as err:
         raise SystemExit(f"error: {err}") from err
-    model: pl.LightningModule = _import(args.model, "model")() if args.model else ImageClassifier()
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = load_tensors(Path(args.checkpoint), "checkpoint")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise SystemExit(f"error: {args.checkpoint} is not a Lightning checkpoint (it has no 'state_dict')")
+    try:
+        recipe = _export_recipe(args, checkpoint)
+    except RecipeError as err:
+        raise SystemExit(f"error: {err}") from err
+    model: pl.LightningModule = import_object(args.model, "model")() if args.model else ImageClassifier()
     if recipe.kind == "inq":  # INQ trains the float layers onto its levels: nothing to rebuild, export finds them
         model.load_state_dict(checkpoint["state_dict"])
     else:
@@ -239,6 +266,7 @@ _INT4_HELP = "ONNX: store weights of 4 bits and fewer as INT4 (half the size; on
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``lightning-quant`` command."""
     parser = argparse.ArgumentParser(prog="lightning-quant", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"lightning-quant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser(
         "fit",
@@ -253,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="recipe overrides (repeatable), e.g. weights.bits=3",
     )
-    fit.add_argument("--model", help="LightningModule class as 'pkg.module:Class' (built with no arguments)")
-    fit.add_argument("--data", help="LightningDataModule class as 'pkg.module:Class' (built with no arguments)")
+    fit.add_argument("--model", help="LightningModule class as 'pkg.module:Class' or 'file.py:Class' (no arguments)")
+    fit.add_argument("--data", help="LightningDataModule class as 'pkg.module:Class' or 'file.py:Class'")
     fit.add_argument("--logger", choices=_LOGGERS, default="csv", help="experiment logger (wandb honours WANDB_MODE)")
     fit.add_argument("--epochs", type=int, help="quantized fine-tuning epochs (default: the recipe's)")
     fit.add_argument("--float-epochs", type=int, default=20, help="epochs of the float baseline")
@@ -273,12 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild the quantized model from a checkpoint and the recipe it was made with, then export it.",
     )
     exp.add_argument("--checkpoint", required=True, help="Lightning checkpoint saved after quantization")
-    exp.add_argument("--recipe", required=True, help="the recipe the checkpoint was quantized with")
+    exp.add_argument("--recipe", help="the recipe the checkpoint was quantized with (default: the one it stores)")
     exp.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="the same recipe overrides")
     exp.add_argument("--output", required=True, help="file to write (.onnx, .pt2 or .packed)")
     exp.add_argument("--format", choices=["onnx", "torch", "packed"], help="default: from the --output suffix")
     exp.add_argument("--int4-weights", action="store_true", help=_INT4_HELP)
-    exp.add_argument("--model", help="LightningModule class as 'pkg.module:Class' (default: the digits demo model)")
+    exp.add_argument("--model", help="LightningModule as 'pkg.module:Class' or 'file.py:Class' (default: digits demo)")
     exp.add_argument("--input-shape", type=int, nargs="+", help="example input shape (default: example_input_array)")
     exp.set_defaults(func=run_export)
     rec = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
@@ -292,5 +320,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.func(args)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
