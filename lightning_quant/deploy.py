@@ -761,9 +761,9 @@ def export_torch(model: nn.Module, example_input: Any, path: Optional[Union[str,
     _propagate_qdq_fx(program.graph_module)
     _drop_requantization_fx(program.graph_module)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as file:  # a file object: torch.export.save warns on names not ending in .pt2
-            torch.export.save(program, file)
+        from lightning_quant.packed import save_program
+
+        save_program(program, path)
     return program
 
 
@@ -772,11 +772,18 @@ def load_program(path: Union[str, Path]) -> Any:
     ``load_program(path).module()(x)``, or compile it with :func:`compile_int8`.
 
     Plain ``torch.export.load`` works as well once ``lightning_quant`` (which registers torch's
-    ``quantized_decomposed`` ops that the graph calls) is imported. Nothing is unpickled.
+    ``quantized_decomposed`` ops that the graph calls) is imported. Nothing is unpickled: a file holding pickled
+    objects, or calling operators other than ATen's and the quantize/dequantize ones, is refused (``ExportError``).
     """
+    from lightning_quant.packed import check_archive, check_ops
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"{str(path)!r}: no such .pt2 file")
-    return torch.export.load(str(path))
+    check_archive(path, "a lightning-quant program")
+    with open(path, "rb") as file:
+        program = torch.export.load(file)
+    check_ops(program, path, ("aten", "quantized_decomposed"), "a lightning-quant program")
+    return program
 
 
 def _propagate_qdq_fx(graph_module: torch.fx.GraphModule) -> int:

@@ -194,9 +194,14 @@ def save_packed(model: nn.Module, example_input: Any, path: Union[str, Path]) ->
     The program keeps only what it needs to run: no per-node source traces (most of the graph file, and the
     user's file paths) and no example inputs; its JSON entries are compressed (the tensors stay stored as is).
     """
+    return save_program(pack_program(model, example_input), path)
+
+
+def save_program(program: Any, path: Union[str, Path]) -> Path:
+    """Save a ``torch.export`` program so that :func:`check_archive` accepts it: no per-node source traces, no
+    example inputs (pickled by ``torch.export.save``), JSON entries compressed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = pack_program(model, example_input)
     for node in program.graph.nodes:
         for key in ("stack_trace", "torch_fn", "source_fn_stack", "nn_module_stack"):
             node.meta.pop(key, None)
@@ -219,20 +224,21 @@ _ENTRY = re.compile(
 )
 
 
-def check_archive(path: Union[str, Path]) -> None:
+def check_archive(path: Union[str, Path], what: str = "a packed model") -> None:
     """Refuse an archive that ``torch.export.load`` would unpickle from (pickled tensors or objects, example
-    inputs), or that holds anything else than one program's graph and raw tensors (e.g. compiled libraries)."""
+    inputs), or that holds anything else than one program's graph and raw tensors (e.g. compiled libraries).
+    ``what`` names the kind of file in the errors."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise ExportError(f"{str(path)!r} is not a packed model (a torch.export archive): {err}") from err
+        raise ExportError(f"{str(path)!r} is not {what} (a torch.export archive): {err}") from err
     with archive:
         names = archive.namelist()
         if len(set(names)) != len(names):
-            raise ExportError(f"{str(path)!r}: repeated entry names are not allowed in a packed model")
+            raise ExportError(f"{str(path)!r}: repeated entry names are not allowed in {what}")
         for info in archive.infolist():
             if not _ENTRY.fullmatch(info.filename):
-                raise ExportError(f"{str(path)!r}: entry {info.filename!r} is not allowed in a packed model")
+                raise ExportError(f"{str(path)!r}: entry {info.filename!r} is not allowed in {what}")
             if info.file_size > 64 * info.compress_size + (1 << 20):
                 raise ExportError(f"{str(path)!r}: entry {info.filename!r} expands {info.file_size} bytes, not allowed")
         for name in names:
@@ -250,14 +256,17 @@ def check_archive(path: Union[str, Path]) -> None:
                 raise ExportError(f"{str(path)!r}: {name!r} holds pickled objects, which are not allowed")
 
 
-def _check_ops(program: Any, path: Union[str, Path]) -> None:
+def check_ops(
+    program: Any, path: Union[str, Path], namespaces: tuple[str, ...] = ("aten",), what: str = "a packed model"
+) -> None:
+    """Refuse a loaded program whose graph calls anything but operators of ``namespaces`` and Python's ``operator``."""
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
         target = node.target
-        aten = isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
-        if not aten and getattr(target, "__module__", None) != "_operator":
-            raise ExportError(f"{str(path)!r}: the graph calls {target!r}, which is not allowed in a packed model")
+        known = isinstance(target, torch._ops.OpOverload) and target.namespace in namespaces
+        if not known and getattr(target, "__module__", None) != "_operator":
+            raise ExportError(f"{str(path)!r}: the graph calls {target!r}, which is not allowed in {what}")
 
 
 def load_packed(path: Union[str, Path]) -> nn.Module:
@@ -266,5 +275,5 @@ def load_packed(path: Union[str, Path]) -> nn.Module:
     check_archive(path)
     with open(path, "rb") as f:
         program = torch.export.load(f)
-    _check_ops(program, path)
+    check_ops(program, path)
     return program.module()

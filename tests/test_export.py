@@ -2,8 +2,10 @@
 
 import collections
 import copy
+import io
 import os
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from lightning_quant import (
     QuantizationAwareTraining,
     export,
     load_packed,
+    load_program,
     load_recipe,
 )
 from lightning_quant.algorithms import calibrate, finalize, set_quant_state
@@ -105,6 +108,20 @@ def test_qat_lsq_w8a8_onnx_matches_fake_quant_model(float_model, test_set, tmp_p
     _assert_close(got, ref, agree)
 
 
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _payload_bytes(marker) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    return buffer.getvalue()
+
+
 def test_torch_int8_program_is_bit_identical_and_compiles(float_model, test_set, tmp_path):
     x, _ = test_set
     model = copy.deepcopy(float_model)
@@ -122,9 +139,23 @@ def test_torch_int8_program_is_bit_identical_and_compiles(float_model, test_set,
         p.args[0].target == torch.ops.quantized_decomposed.dequantize_per_tensor.default for p in pools
     )
     loaded = torch.export.load(str(tmp_path / "ptq.pt2"))
+    checked = load_program(tmp_path / "ptq.pt2")  # the archive holds no pickled example inputs
     with torch.no_grad():
         assert torch.equal(program.module()(x), ref)
         assert torch.equal(loaded.module()(x), ref)
+        assert torch.equal(checked.module()(x), ref)
+    # a .pt2 with pickled example inputs (what torch.export.save writes by default) is refused, and nothing runs
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt2"
+    torch.export.save(program, str(evil))
+    with zipfile.ZipFile(evil) as zin, zipfile.ZipFile(tmp_path / "evil2.pt2", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, _payload_bytes(marker) if "sample_inputs" in info.filename else data)
+    with pytest.raises(ExportError, match="not allowed"):
+        load_program(tmp_path / "evil2.pt2")
+    assert not marker.exists()
+    with torch.no_grad():
         int8 = compile_int8(program)
         compiled = int8(x)  # inductor's x86 int8 lowering (oneDNN)
     hooks = [getattr(h, "__name__", "") for h in int8._orig_mod._forward_pre_hooks.values()]
