@@ -259,7 +259,7 @@ def _validate_quantizer(cfg: QuantizerConfig, key: str, role: str, source: str) 
     _check(cfg.group_size > 0, source, f"{key}.group_size", cfg.group_size, "must be a positive integer")
     _check(0 < cfg.momentum <= 1, source, f"{key}.momentum", cfg.momentum, "allowed: 0 < momentum <= 1")
     _check(50 < cfg.percentile <= 100, source, f"{key}.percentile", cfg.percentile, "allowed: 50 < percentile <= 100")
-    _check(cfg.clip_init > 0, source, f"{key}.clip_init", cfg.clip_init, "must be positive")
+    _check(cfg.clip_init is None or cfg.clip_init > 0, source, f"{key}.clip_init", cfg.clip_init, "must be positive")
     _check(cfg.clip_decay >= 0, source, f"{key}.clip_decay", cfg.clip_decay, "must be >= 0")
     _check(
         not (cfg.learn_offset and cfg.method != "lsq"),

@@ -43,7 +43,7 @@ class QuantizerConfig:
     momentum: float = 0.01  # EMA observer momentum
     percentile: float = 99.99  # percentile observer
     learn_offset: bool = False  # LSQ+: learn an offset as well as the step
-    clip_init: float = 8.0  # PACT: initial clipping level alpha
+    clip_init: Optional[float] = None  # PACT: initial clip alpha; None: the MSE-optimal clip of the first batch
     clip_decay: float = 1e-4  # PACT: L2 penalty on alpha, applied as a gradient term
 
 
