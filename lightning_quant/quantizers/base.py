@@ -34,7 +34,7 @@ class QuantizerConfig:
     enabled: bool = True  # False: leave this tensor in float
     method: str = "observer"  # registry name: observer, lsq, pact, dorefa, dsq
     bits: int = 8  # code width, 1..8
-    signed: Optional[bool] = None  # None: weights signed, activations signed only if the first batch has negatives
+    signed: Optional[bool] = None  # None: weights signed; activations from the first batch (LSQ: see LSQQuantizer)
     symmetric: bool = True  # zero point fixed at 0 (observer method)
     granularity: str = "per_tensor"  # per_tensor, per_channel (weights), per_group (weights)
     axis: Optional[int] = None  # channel axis for per_channel; None: the layer's output-channel axis
