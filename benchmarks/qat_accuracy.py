@@ -44,9 +44,12 @@ def test_acc(trainer: pl.Trainer, model: pl.LightningModule, dm: DigitsDataModul
 
 def test_logits(model: pl.LightningModule, dm: DigitsDataModule) -> torch.Tensor:
     """Logits on the whole test set (eval mode, quantizers as the last evaluation left them)."""
+    was_training = model.training
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(x) for x, _ in dm.test_dataloader()])
+        logits = torch.cat([model(x) for x, _ in dm.test_dataloader()])
+    model.train(was_training)  # the float model is copied for fine-tuning afterwards: leave its mode alone
+    return logits
 
 
 def digits_net(act: str) -> DigitsCNN:
