@@ -33,10 +33,10 @@ class LSQQuantizer(Quantizer):
     LSQ+'s offset restricted to whole steps (``β = −z·s``), so it stays an exact integer grid for export. ``z``
     is fixed from the first batch's ``lo = min v`` and ``hi = max v`` as the negative share of the levels,
     ``z = round((2^b−1)·(−lo)/(hi−lo))`` (0 when ``lo ≥ 0``); ``z ≥ 2^(b−1)`` gives the usual signed grid.
-    After ReLU ``z = 0`` (unsigned, as in the paper); after GELU/SiLU (minimum −0.17/−0.28) ``z`` is 0 or 1, so
-    the code's levels go to the positive range that holds the signal instead of half of them to a sliver of
-    negatives; a zero-mean input gets the signed grid. Because ``z`` counts steps, not values, the negative
-    share of the range stays the same as ``s`` is learned.
+    After ReLU ``z = 0`` (unsigned, as in the paper); after GELU/SiLU (minimum −0.17/−0.28) ``z`` is 0 or 1 at
+    2–4 bits, so the levels go to the positive range that holds the signal instead of half of them to a sliver of
+    negatives (the old rule, signed at any negative value, used 2 of 4 levels); zero-mean inputs get the signed
+    grid. Because ``z`` counts steps, not values, the negative share of the range stays as ``s`` is learned.
     """
 
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
