@@ -92,8 +92,8 @@ def affine_grid(q: Quantizer, name: str) -> AffineGrid:
     elif isinstance(q, LSQQuantizer):
         if q.offset is not None:
             raise ExportError(f"'{name}': LSQ+ learned a real-valued offset; QuantizeLinear needs an integer one")
-        scale = q.scale.detach().abs().float()
-        zp = torch.zeros_like(scale, dtype=torch.int32)
+        scale = q.scale_values().float()
+        zp = torch.full_like(scale, int(getattr(q, "zero_point", 0)), dtype=torch.int32)  # shifted grids: codes from 0
     elif isinstance(q, PACTQuantizer):
         scale = (q.alpha.detach().abs() / q.qmax).float().reshape(-1)
         zp = torch.zeros_like(scale, dtype=torch.int32)
@@ -103,9 +103,10 @@ def affine_grid(q: Quantizer, name: str) -> AffineGrid:
             "(export supports observer, LSQ and PACT quantizers)"
         )
     qmin = -q.qmax if isinstance(q, PACTQuantizer) and bool(q.signed) else q.qmin
+    shift = int(getattr(q, "zero_point", 0)) if isinstance(q, LSQQuantizer) else 0  # LSQ's [-z, 2^b-1-z] is [0, 2^b-1]
     if axis is None:
         scale, zp = scale.reshape(()), zp.reshape(())
-    return AffineGrid(scale, zp, qmin, q.qmax, axis)
+    return AffineGrid(scale, zp, qmin + shift, q.qmax + shift, axis)
 
 
 def _full_range(grid: AffineGrid) -> tuple[int, int]:

@@ -6,12 +6,14 @@ TensorBoard). Only rank zero writes.
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics.functional.audio import signal_noise_ratio
 
@@ -26,6 +28,24 @@ def sqnr_db(original: torch.Tensor, quantized: torch.Tensor) -> float:
     if torch.equal(x, y):
         return float("inf")
     return float(signal_noise_ratio(y, x))
+
+
+COLLAPSE_DB = 1.0  # a multi-bit quantizer below this SQNR (or non-finite) has collapsed: the layer passes ~no signal
+_warned_collapse: weakref.WeakSet[Quantizer] = weakref.WeakSet()  # each collapsed quantizer is reported once
+
+
+def warn_if_collapsed(name: str, kind: str, quantizer: Quantizer, sqnr: float) -> None:
+    """Warn (rank zero, once per quantizer) when a quantizer of 2 bits or more reproduces its tensor with
+    less than ``COLLAPSE_DB`` dB SQNR or a non-finite one (exact reproduction, +inf, is fine); 1-bit codes are
+    expected to be low."""
+    if quantizer.bits < 2 or quantizer in _warned_collapse or sqnr == math.inf or sqnr >= COLLAPSE_DB:
+        return
+    _warned_collapse.add(quantizer)
+    rank_zero_warn(
+        f"lightning-quant: layer '{name}': {kind} SQNR is {sqnr:.2f} dB at {quantizer.bits} bits, so the "
+        f"quantizer has collapsed (step {float(quantizer.scale_values().float().mean()):.3g}); the layer passes "
+        "almost no signal. Lower the learning rate of the quantizer's step, or check its input."
+    )
 
 
 def clipped_fraction(quantizer: Quantizer, x: torch.Tensor) -> float:
@@ -48,6 +68,7 @@ def weight_metrics(model: torch.nn.Module) -> dict[str, float]:
             w = layer.weight_to_quantize().detach()
             wq = q.quantize(w)
             out[f"quant/{name}/weight_sqnr_db"] = sqnr_db(w, wq)
+            warn_if_collapsed(name, "weight", q, out[f"quant/{name}/weight_sqnr_db"])
             out[f"quant/{name}/weight_scale"] = float(q.scale_values().float().mean())
             out[f"quant/{name}/weight_clipped"] = clipped_fraction(q, w)
     return out
@@ -69,6 +90,7 @@ class ActivationRecorder:
                 return
             x = inputs[0]
             self.metrics[f"quant/{name}/act_sqnr_db"] = sqnr_db(x, output)
+            warn_if_collapsed(name, "activation", q, self.metrics[f"quant/{name}/act_sqnr_db"])
             self.metrics[f"quant/{name}/act_scale"] = float(q.scale_values().float().mean())
             self.metrics[f"quant/{name}/act_clipped"] = clipped_fraction(q, x)
 
@@ -103,20 +125,9 @@ def log_plots(trainer: pl.Trainer, metrics: dict[str, float], model: torch.nn.Mo
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    names = sorted({k.split("/")[1] for k in metrics if k.startswith("quant/") and k.endswith("_sqnr_db")})
-    if not names:
+    fig = sqnr_figure(trainer.global_step, metrics, model, plt)
+    if fig is None:
         return
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.2))
-    xs = range(len(names))
-    for offset, kind in ((-0.2, "weight"), (0.2, "act")):
-        vals = [metrics.get(f"quant/{n}/{kind}_sqnr_db", 0.0) for n in names]
-        vals = [v if abs(v) != float("inf") else 0.0 for v in vals]
-        ax.bar([x + offset for x in xs], vals, width=0.4, label=f"{kind} SQNR")
-    ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("dB")
-    ax.set_title(f"Quantization SQNR per layer (step {trainer.global_step})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     for lg in image_loggers:
         if isinstance(lg, WandbLogger):
             lg.log_image(key="quant/sqnr_per_layer", images=[fig], step=trainer.global_step)
@@ -125,3 +136,23 @@ def log_plots(trainer: pl.Trainer, metrics: dict[str, float], model: torch.nn.Mo
             for name, layer in quantized_layers(model):
                 lg.experiment.add_histogram(f"weights/{name}", layer.weight.detach().float().cpu(), trainer.global_step)
     plt.close(fig)
+
+
+def sqnr_figure(step: int, metrics: dict[str, float], model: torch.nn.Module, plt: Any) -> Any:
+    """Bar chart of weight and activation SQNR per layer, in model order (``named_modules``); None if none."""
+    logged = {k.split("/")[1] for k in metrics if k.startswith("quant/") and k.endswith("_sqnr_db")}
+    names = [name for name, _ in quantized_layers(model) if name in logged]
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.2))
+    xs = range(len(names))
+    for offset, kind in ((-0.2, "weight"), (0.2, "act")):
+        vals = [metrics.get(f"quant/{n}/{kind}_sqnr_db", 0.0) for n in names]
+        vals = [v if abs(v) != float("inf") else 0.0 for v in vals]
+        ax.bar([x + offset for x in xs], vals, width=0.4, label=f"{kind} SQNR")
+    ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("dB")
+    ax.set_title(f"Quantization SQNR per layer (step {step})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -35,7 +35,7 @@ class QuantizerConfig:
     enabled: bool = True  # False: leave this tensor in float
     method: str = "observer"  # registry name: observer, lsq, pact, dorefa, dsq
     bits: int = 8  # code width, 1..8
-    signed: Optional[bool] = None  # None: weights signed, activations signed only if the first batch has negatives
+    signed: Optional[bool] = None  # None: weights signed; activations from the first batch (LSQ: see LSQQuantizer)
     symmetric: bool = True  # zero point fixed at 0 (observer method)
     granularity: str = "per_tensor"  # per_tensor, per_channel (weights), per_group (weights)
     axis: Optional[int] = None  # channel axis for per_channel; None: the layer's output-channel axis
@@ -44,7 +44,7 @@ class QuantizerConfig:
     momentum: float = 0.01  # EMA observer momentum
     percentile: float = 99.99  # percentile observer
     learn_offset: bool = False  # LSQ+: learn an offset as well as the step
-    clip_init: float = 8.0  # PACT: initial clipping level alpha
+    clip_init: Optional[float] = None  # PACT: initial clip alpha; None: the MSE-optimal clip of the first batch
     clip_decay: float = 1e-4  # PACT: L2 penalty on alpha, applied as a gradient term
 
 

@@ -46,7 +46,7 @@ def _quantizer(cfg: QuantizerConfig, key: str, role: str, where: Where) -> None:
     check(cfg.group_size > 0, where, f"{key}.group_size", cfg.group_size, "must be a positive integer")
     check(0 < cfg.momentum <= 1, where, f"{key}.momentum", cfg.momentum, "allowed: 0 < momentum <= 1")
     check(50 < cfg.percentile <= 100, where, f"{key}.percentile", cfg.percentile, "allowed: 50 < percentile <= 100")
-    check(cfg.clip_init > 0, where, f"{key}.clip_init", cfg.clip_init, "must be positive")
+    check(cfg.clip_init is None or cfg.clip_init > 0, where, f"{key}.clip_init", cfg.clip_init, "must be positive")
     check(cfg.clip_decay >= 0, where, f"{key}.clip_decay", cfg.clip_decay, "must be >= 0")
     check(
         not (cfg.learn_offset and cfg.method != "lsq"),
