@@ -110,7 +110,7 @@ def test_callback_declared_in_a_lightning_cli_yaml(tmp_path):
         "      init_args:\n"
         "        recipe: lsq_w4a4\n"
         "        weight_bits: 3\n"
-        "        overrides: [diagnostics.summary=false]\n"
+        "        overrides: diagnostics.summary=false\n"  # one string is one override
     )
     cli = LightningCLI(
         ImageClassifier, DigitsDataModule, args=["fit", "--config", str(config)], save_config_callback=None

@@ -99,7 +99,7 @@ class RecipeCallback(Callback):
     def __init__(
         self,
         recipe: Union[str, dict, DictConfig, Recipe],
-        overrides: Optional[list[str]] = None,
+        overrides: Union[str, list[str], None] = None,
         weight_bits: Optional[int] = None,
         activation_bits: Optional[int] = None,
         export_path: Optional[str] = None,

@@ -77,7 +77,7 @@ class Binarization(QuantizationAwareTraining):
     def __init__(
         self,
         recipe: Union[str, dict, DictConfig, Recipe] = "bnn",
-        overrides: Optional[list[str]] = None,
+        overrides: Union[str, list[str], None] = None,
         export_path: Optional[str] = None,
         export_format: Optional[str] = None,
     ) -> None:

@@ -90,7 +90,7 @@ class IncrementalQuantization(Callback):
     quantizes_model = True  # one such callback per Trainer
 
     def __init__(
-        self, recipe: Union[str, dict, DictConfig, Recipe] = "inq_5bit", overrides: Optional[list[str]] = None
+        self, recipe: Union[str, dict, DictConfig, Recipe] = "inq_5bit", overrides: Union[str, list[str], None] = None
     ):
         try:
             self.recipe = load_recipe(recipe, overrides)

@@ -56,7 +56,7 @@ class PostTrainingQuantization(RecipeCallback):
     Args:
         recipe: shipped recipe name, path to a YAML recipe, or a dict/``DictConfig`` (kind ``ptq``, or a
             QAT recipe whose quantizers are all ``observer``: calibration only).
-        overrides: ``"key.path=value"`` strings applied on top of the recipe.
+        overrides: ``"key.path=value"`` strings (or one such string) applied on top of the recipe.
         weight_bits / activation_bits: shortcuts for ``weights.bits`` / ``activations.bits``.
         num_samples / iters / seed: shortcuts for ``ptq.num_samples`` / ``ptq.iters`` / ``ptq.seed``.
         calibration_dataloader: ``"train"`` or ``"val"`` (the datamodule's), ``"generated"`` (token sequences
@@ -73,7 +73,7 @@ class PostTrainingQuantization(RecipeCallback):
     def __init__(
         self,
         recipe: Union[str, dict, DictConfig, Recipe] = "minmax_w8a8",
-        overrides: Optional[list[str]] = None,
+        overrides: Union[str, list[str], None] = None,
         weight_bits: Optional[int] = None,
         activation_bits: Optional[int] = None,
         num_samples: Optional[int] = None,

@@ -30,7 +30,7 @@ class QuantizationAwareTraining(RecipeCallback):
 
     Args:
         recipe: shipped recipe name, path to a YAML recipe, or a dict/``DictConfig``.
-        overrides: ``"key.path=value"`` strings applied on top of the recipe.
+        overrides: ``"key.path=value"`` strings (or one such string) applied on top of the recipe.
         weight_bits: shortcut for ``weights.bits=...``.
         activation_bits: shortcut for ``activations.bits=...``.
         export_path: write the quantized model there when ``fit`` ends (format from the suffix: .onnx,
@@ -42,7 +42,7 @@ class QuantizationAwareTraining(RecipeCallback):
     def __init__(
         self,
         recipe: Union[str, dict, DictConfig, Recipe] = "lsq_w8a8",
-        overrides: Optional[list[str]] = None,
+        overrides: Union[str, list[str], None] = None,
         weight_bits: Optional[int] = None,
         activation_bits: Optional[int] = None,
         export_path: Optional[str] = None,
