@@ -254,6 +254,51 @@ def check_archive(path: Union[str, Path], what: str = "a packed model") -> None:
                         raise ExportError(f"{str(path)!r}: {key!r} is a pickled object, which is not allowed")
             elif name.endswith(".pt") and archive.getinfo(name).file_size:  # save_packed leaves it empty
                 raise ExportError(f"{str(path)!r}: {name!r} holds pickled objects, which are not allowed")
+            elif name.endswith("models/model.json"):
+                for expr in _shape_expressions(json.loads(archive.read(name))):
+                    if not _is_shape_expression(expr):
+                        raise ExportError(f"{str(path)!r}: shape expression {expr[:80]!r} is not allowed in {what}")
+
+
+# torch.export.load evaluates each symbolic shape's ``expr_str`` with sympy.sympify, i.e. Python's eval: only
+# sympy's own srepr of integer shape arithmetic is let through (these names, quoted symbol names, numbers).
+_SHAPE_NAMES = frozenset(
+    {
+        "Symbol", "Integer", "Rational", "Mul", "Add", "Pow", "Mod", "Max", "Min", "Abs", "FloorDiv", "CeilDiv",
+        "CleanDiv", "PythonMod", "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "ModularIndexing", "TruncToInt",
+        "RoundToInt", "FloorToInt", "CeilToInt", "ToFloat", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
+        "true", "false", "True", "False", "positive", "integer", "nonnegative", "negative", "real", "finite",
+    }
+)
+_QUOTED_SYMBOL = re.compile(r"'[A-Za-z]{1,8}\d{0,9}'")
+_SHAPE_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+
+
+def _shape_expressions(node: Any) -> Iterator[str]:
+    """Every ``expr_str`` in a serialized program's JSON, at any depth."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "expr_str":
+                    yield value if isinstance(value, str) else repr(value)
+                else:
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _is_shape_expression(expr: str) -> bool:
+    """True for sympy srepr text of shape arithmetic (``Mul(Symbol('s0', positive=True, integer=True), ...)``)."""
+    if len(expr) > 10_000 or "__" in expr:
+        return False
+    bare = _QUOTED_SYMBOL.sub("0", expr)
+    if not re.fullmatch(r"[\w\s(),=+\-*/]*", bare):
+        return False
+    return all(
+        word in _SHAPE_NAMES or re.fullmatch(r"[su]\d+", word) for word in _SHAPE_IDENTIFIER.findall(bare)
+    )
 
 
 def check_ops(

@@ -4,6 +4,8 @@ or refused by name."""
 
 import copy
 import io
+import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -201,7 +203,7 @@ def _rewrite(src, dst, change):
             zout.writestr(info, change(info.filename, zin.read(info.filename)))
 
 
-@pytest.mark.parametrize("where", ["sample_inputs", "weight_config"])
+@pytest.mark.parametrize("where", ["sample_inputs", "weight_config", "shape_expression"])
 def test_load_packed_refuses_pickled_payloads_and_runs_nothing(where, images, tmp_path, monkeypatch):
     model = trained("bnn")
     good = export(model, images[:4], tmp_path / "good.packed")
@@ -217,6 +219,10 @@ def test_load_packed_refuses_pickled_payloads_and_runs_nothing(where, images, tm
             return data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
         if where == "weight_config" and name.endswith("weights/weight_0"):
             return evil_bytes.getvalue()
+        if where == "shape_expression" and name.endswith("models/model.json"):
+            # torch.export.load hands each expr_str to sympy.sympify, which evaluates it as Python
+            payload = json.dumps(f"Symbol(open({str(marker)!r}, 'w').write('ran'))")
+            return re.sub(rb'"expr_str": "[^"]*"', f'"expr_str": {payload}'.encode(), data, count=1)
         return data
 
     evil = tmp_path / "evil.packed"
