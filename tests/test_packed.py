@@ -248,3 +248,59 @@ def test_packed_format_refuses_a_layer_it_cannot_pack(images, tmp_path):
     layer.weight_quantizer = build_quantizer(QuantizerConfig(method="lsq", bits=4), "weight")
     with pytest.raises(ExportError, match=f"'{name}': LSQQuantizer weights are neither binary nor ternary"):
         export(model, images[:4], tmp_path / "m.packed")
+
+
+def test_cli_export_of_a_reactnet_checkpoint_rebuilds_the_trained_model(images, tmp_path, capsys):
+    """The CLI rebuilds the model from the checkpoint: ReLU modules must become identities and RPReLU must come
+    back with its trained values, as in training, or the packed model computes something else."""
+    from lightning_quant.cli import main as cli_main
+
+    pl.seed_everything(0)
+    model = ImageClassifier(epochs=1)  # the CLI's default model: DigitsCNN, whose ReLUs are modules
+    trainer = quiet_trainer(
+        [Binarization("reactnet", ["diagnostics.summary=false"])], max_epochs=1, limit_train_batches=4,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=DigitsDataModule())
+    ckpt, out = tmp_path / "r.ckpt", tmp_path / "r.packed"
+    trainer.save_checkpoint(ckpt)
+    model.eval()
+    rprelu = [m.rprelu for _, m in quantized_layers(model)]
+    assert rprelu and any(not torch.equal(p, torch.zeros_like(p)) for r in rprelu for p in r.parameters())
+    cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out)])
+    assert "exported reactnet (packed)" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.equal(load_packed(out)(images), model(images))
+
+
+def test_quantizer_state_for_a_module_the_model_lacks_is_refused():
+    """A checkpoint entry under a module the rebuilt model does not have (an RPReLU, a quantizer) is an error,
+    not silently dropped."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_quant.callbacks.base import load_quantizer_state, quantizer_state
+
+    model = trained("reactnet")
+    state = quantizer_state(model)
+    state["net.1.rprelu_extra.weight"] = torch.zeros(3)
+    with pytest.raises(MisconfigurationException, match="net.1.rprelu_extra.weight"):
+        load_quantizer_state(model, state)
+
+
+@pytest.mark.parametrize("suffix", ["onnx", "pt2"])
+def test_ternary_recipes_accept_an_onnx_or_pt2_export_path(suffix, tmp_path):
+    """Ternary weights export as int8 codes, so the construction-time check must not refuse them."""
+    for recipe in ("twn", "ttq"):
+        assert Binarization(recipe, export_path=str(tmp_path / f"m.{suffix}")).export_path is not None
+
+
+def test_a_stored_recipe_alias_bomb_is_not_expanded_in_the_mismatch_message():
+    """The recipe text inside a checkpoint is read with the recipe loader's bounds before it is compared."""
+    from lightning_quant.callbacks.guards import recipe_mismatch_message
+
+    levels = ["name: x", "l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for i in range(1, 7):  # 10^7 values once expanded
+        levels.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    bomb = "\n".join(levels) + "\nweights: *l6\n"
+    message = recipe_mismatch_message(bomb, load_recipe("bnn"))
+    assert "could not be read" in message and len(message) < 2000

@@ -37,7 +37,7 @@ def stored(tensor: torch.Tensor, limit_mb: float) -> torch.Tensor:
     fd, path = tempfile.mkstemp(suffix=".pt", prefix="lightning_quant_cache_")
     os.close(fd)
     torch.save(tensor, path)
-    mapped = torch.load(path, mmap=True)
+    mapped = torch.load(path, mmap=True, weights_only=True)
     os.unlink(path)  # the mapping keeps the data readable until it is released
     return mapped
 

@@ -319,10 +319,15 @@ def load_quantizer_state(pl_module: torch.nn.Module, quant_state: dict[str, Any]
     missing = sorted(expected - set(quant_state))
     if missing:
         raise MisconfigurationException(f"lightning-quant: checkpoint lacks quantizer state for {missing[:5]}")
-    for prefix, module in pl_module.named_modules(remove_duplicate=False):
-        if _added(module):
-            own = {k[len(prefix) + 1 :]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
-            module.load_state_dict(own, strict=True)
+    added = [(prefix, module) for prefix, module in pl_module.named_modules(remove_duplicate=False) if _added(module)]
+    unused = sorted(k for k in quant_state if not any(k.startswith(prefix + ".") for prefix, _ in added))
+    if unused:  # state of a module this model lacks (e.g. an RPReLU the rebuild did not attach): never dropped
+        raise MisconfigurationException(
+            f"lightning-quant: the checkpoint holds quantizer state for modules this model does not have: {unused[:5]}"
+        )
+    for prefix, module in added:
+        own = {k[len(prefix) + 1 :]: v for k, v in quant_state.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(own, strict=True)
 
 
 def quantizer_state(pl_module: torch.nn.Module) -> dict[str, Any]:

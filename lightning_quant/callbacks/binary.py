@@ -90,14 +90,22 @@ class Binarization(QuantizationAwareTraining):
         return [(n, m) for n, m in quantized_layers(model) if isinstance(m.weight_quantizer, BinaryQuantizer)]
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def prepare(self, pl_module: pl.LightningModule) -> bool:
+        """Swap the layers, then what binary activations need around them: ReLU modules become identities and
+        ReActNet layers get their RPReLU. Here rather than in ``setup`` so that every path that rebuilds the model
+        from a checkpoint (the CLI's export) builds the same model as training did."""
+        already = super().prepare(pl_module)
         if self.recipe.activations.enabled:
             self._remove_relus(pl_module)
         for _, layer in quantized_layers(pl_module):
             if isinstance(layer.input_quantizer, RSignQuantizer) and not hasattr(layer, "rprelu"):
                 layer.rprelu = RPReLU(_channels_out(layer)).to(layer.weight.device)
                 layer.register_forward_hook(apply_rprelu)
+        return already
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.recipe.activations.enabled:
             self._finish_watch()
             self._watch = SignInputWatch(pl_module)

@@ -11,11 +11,13 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_quant.recipes import Recipe
+from lightning_quant.recipes import Recipe, RecipeError
+from lightning_quant.recipes.safe_yaml import parse_yaml
 
 # the recipe sections a checkpoint's quantizer state depends on (those in Recipe.fingerprint)
 _SHAPING_SECTIONS = ("weights", "activations", "layers")
 _EXPORTABLE_METHODS = ("observer", "lsq", "pact")  # uniform affine grids: QuantizeLinear / quantized_decomposed
+_TERNARY_WEIGHTS = ("twn", "ttq")  # int8 codes {-1, 0, 1} with per-channel scales
 _MAX_DIFF_NODES = 5000
 
 
@@ -71,11 +73,12 @@ def check_export_target(recipe: Recipe, path: str, format: str) -> None:
         raise MisconfigurationException(f"{where} needs onnx: pip install 'lightning-quant[export]'")
     for key in ("weights", "activations"):
         cfg = getattr(recipe, key)
-        if cfg.enabled and cfg.method not in _EXPORTABLE_METHODS:
+        allowed = _EXPORTABLE_METHODS + (_TERNARY_WEIGHTS if key == "weights" else ())
+        if cfg.enabled and cfg.method not in allowed:
             hint = "export binary weights with a .packed path" if recipe.kind == "binary" else "use another method"
             raise MisconfigurationException(
                 f"{where}: {key}.method={cfg.method!r} has no integer-grid export (exported: "
-                f"{list(_EXPORTABLE_METHODS)}); {hint}"
+                f"{list(allowed)}); {hint}"
             )
     if format == "torch" and recipe.weights.enabled and recipe.weights.granularity == "per_group":
         raise MisconfigurationException(
@@ -96,12 +99,18 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def _read_saved(saved_yaml: str) -> Any:
+    """The checkpoint's recipe text, read with the recipe loader's bounds (size, depth, alias expansion, duplicate
+    keys): a checkpoint is a file from elsewhere. None where it cannot be read."""
+    try:
+        return parse_yaml(saved_yaml, "the checkpoint's stored recipe")
+    except RecipeError:
+        return None
+
+
 def recipe_differences(saved_yaml: str, recipe: Recipe) -> list[str]:
     """``key: saved -> current`` for every setting that shapes the quantized model and differs."""
-    try:
-        saved = yaml.safe_load(saved_yaml)
-    except yaml.YAMLError:
-        saved = None
+    saved = _read_saved(saved_yaml)
     if not isinstance(saved, dict):
         return ["(the checkpoint's recipe could not be read)"]
     current = yaml.safe_load(recipe.to_yaml())
@@ -120,10 +129,8 @@ def recipe_differences(saved_yaml: str, recipe: Recipe) -> list[str]:
 
 def recipe_mismatch_message(saved_yaml: str, recipe: Recipe) -> str:
     """The error for a checkpoint made under another recipe: both recipe names and only the keys that differ."""
-    try:
-        saved_name = (yaml.safe_load(saved_yaml) or {}).get("name", "?")
-    except (yaml.YAMLError, AttributeError):
-        saved_name = "?"
+    saved = _read_saved(saved_yaml)
+    saved_name = saved.get("name", "?") if isinstance(saved, dict) else "?"
     lines = recipe_differences(saved_yaml, recipe)
     return (
         f"lightning-quant: the checkpoint was made with a different recipe, {saved_name!r}, than this callback's "

@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from lightning_quant import __version__
@@ -32,6 +31,7 @@ from lightning_quant.examples import DigitsDataModule, ImageClassifier
 from lightning_quant.nn import summarize
 from lightning_quant.nn.surgery import format_table
 from lightning_quant.recipes import Recipe, RecipeError, describe_recipes, load_recipe
+from lightning_quant.recipes.safe_yaml import parse_yaml
 
 _LOGGERS = ("csv", "tensorboard", "wandb")
 
@@ -200,6 +200,14 @@ def _print_recipes(args: argparse.Namespace) -> None:
     print(format_table(("recipe", "description"), rows))
 
 
+def _read_stored(args: argparse.Namespace, stored: str) -> Any:
+    """A checkpoint's recipe text, read with the recipe loader's bounds (a checkpoint is a file from elsewhere)."""
+    try:
+        return parse_yaml(stored, f"{args.checkpoint}: stored recipe")
+    except RecipeError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def _export_recipe(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Recipe:
     """``--recipe`` if given (it must match the checkpoint's), else the recipe stored in the checkpoint."""
     stored = stored_recipe(checkpoint)
@@ -207,7 +215,7 @@ def _export_recipe(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Reci
     if args.recipe is None:
         if stored is None:
             raise SystemExit(f"error: {args.checkpoint} stores no recipe; name it with --recipe")
-        data = yaml.safe_load(stored)
+        data = _read_stored(args, stored)
         if not isinstance(data, dict):
             raise SystemExit(f"error: {args.checkpoint}: its stored recipe is not a mapping; name one with --recipe")
         data.pop("base", None)  # already merged in; its file may not be here
@@ -216,7 +224,8 @@ def _export_recipe(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Reci
     saved = checkpoint.get("lightning_quant")
     fingerprint = saved.get("fingerprint") if isinstance(saved, dict) else None
     if fingerprint is not None and fingerprint != recipe.fingerprint():
-        name = yaml.safe_load(stored).get("name") if stored else "?"
+        data = _read_stored(args, stored) if stored else None
+        name = data.get("name", "?") if isinstance(data, dict) else "?"
         raise SystemExit(
             f"error: {args.checkpoint} was quantized with recipe {name!r}, whose weights/activations/layers differ "
             f"from --recipe {args.recipe!r}; leave --recipe out to use the checkpoint's own"

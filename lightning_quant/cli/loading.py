@@ -22,11 +22,13 @@ def module_from_file(file: Path) -> Any:
     folder = str(file.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(file.stem, file)
+    # a file named like a loaded module (types.py, copy.py) must not replace it for the whole process
+    name = file.stem if file.stem not in sys.modules else f"_lightning_quant_user_{file.stem}"
+    spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
         raise ImportError(f"{file} is not a Python file")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[file.stem] = module  # inspect.getsource and pickling find the module by name
+    sys.modules[name] = module  # inspect.getsource finds the module by name
     spec.loader.exec_module(module)
     return module
 

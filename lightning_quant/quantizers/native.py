@@ -59,8 +59,9 @@ def module() -> Optional[Any]:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob(f"{name}*.so")):
             print("lightning-quant: building the fused CPU fake-quant kernels (once per machine)", file=sys.stderr)
-        _state["module"] = cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, verbose=False)
+        loaded = cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, verbose=False)
         _register_fakes()
+        _state["module"] = loaded  # only once everything it needs is in place
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: use the Python paths
         warnings.warn(
             f"lightning_quant: fused CPU fake-quant kernels unavailable ({type(err).__name__}: {err}); "
