@@ -860,14 +860,27 @@ def compile_int8(program: Any, dynamic: Optional[bool] = False) -> Any:
     itself, so that check is dropped. Each input shape is compiled once (``dynamic=False``): with symbolic
     shapes, inductor's x86 int8 convolution lowering fails a stride check in torch 2.13 at the second batch size.
     """
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
     module = program.module()
     for key, hook in list(module._forward_pre_hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             del module._forward_pre_hooks[key]
-    return torch.compile(module, dynamic=dynamic)
+    return _FrozenCompiled(torch.compile(module, dynamic=dynamic))
+
+
+class _FrozenCompiled(nn.Module):
+    """A compiled int8 program that turns inductor's freezing on only while it runs (it compiles on first call,
+    once per shape). Setting it globally made every later ``torch.compile`` of a training model treat parameters
+    as constants and recompile at each optimizer step."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
 
 
 def export(
