@@ -6,16 +6,17 @@ from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifie
 
 
 def quiet_trainer(callbacks=(), **kw):
-    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **kw,
-    )
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary (unless ``kw`` asks for them)."""
+    options = {
+        "accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }  # fmt: skip
+    return pl.Trainer(callbacks=list(callbacks), **{**options, **kw})
+
+
+def epochs_trainer(tmp_path, epochs=2, callbacks=(), **kw):
+    """A quiet, deterministic Trainer for ``epochs`` epochs that writes under ``tmp_path``."""
+    return quiet_trainer(callbacks, max_epochs=epochs, default_root_dir=tmp_path, deterministic=True, **kw)
 
 
 def train_float_digits_model():

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import epochs_trainer as trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelPruning
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -16,20 +17,6 @@ from lightning_quant import IncrementalQuantization, PostTrainingQuantization, Q
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
 from lightning_quant.nn import dequantize_model, quantized_layers
 from lightning_quant.quantizers import Quantizer
-
-
-def trainer(tmp_path, epochs=2, callbacks=(), **kw):
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=list(callbacks),
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        **kw,
-    )
 
 
 def quantizer_state(model):

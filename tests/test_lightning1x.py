@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import epochs_trainer as make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from sklearn.datasets import make_regression
@@ -89,21 +90,6 @@ class RegressionData(pl.LightningDataModule):
 
     def predict_dataloader(self):
         return self.test_dataloader()
-
-
-def make_trainer(tmp_path, epochs=2, callbacks=(), **kw):
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        callbacks=list(callbacks),
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        **kw,
-    )
 
 
 def qat(recipe="minmax_w8a8", overrides=(), **kw):
