@@ -119,19 +119,6 @@ def test_fit_twice_on_the_same_model(tmp_path):
     assert id(scale) in {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
 
 
-def test_recipe_mismatch_on_resume_is_refused(tmp_path):
-    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
-    dm = DigitsDataModule()
-    t = trainer(tmp_path, 1, [qat("lsq_w4a4")], limit_train_batches=2)
-    t.fit(model, datamodule=dm)
-    t.save_checkpoint(tmp_path / "a.ckpt")
-    other = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=2)
-    with pytest.raises(MisconfigurationException, match="different recipe"):
-        trainer(tmp_path, 2, [qat("lsq_w4a4", weight_bits=3)], limit_train_batches=2).fit(
-            other, datamodule=dm, ckpt_path=str(tmp_path / "a.ckpt")
-        )
-
-
 def test_bad_recipe_fails_before_training(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("description: x\nweights:\n  bits: 12\n")
@@ -331,7 +318,7 @@ def test_two_quantization_callbacks_on_one_trainer_are_refused(tmp_path):
     assert not quantized_layers(model)  # refused before any surgery
 
 
-def test_recipe_mismatch_error_lists_only_the_keys_that_differ(tmp_path):
+def test_recipe_mismatch_on_resume_is_refused_listing_only_the_keys_that_differ(tmp_path):
     model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", epochs=1)
     dm = DigitsDataModule()
     t = trainer(tmp_path, 1, [qat("lsq_w4a4")], limit_train_batches=2)
