@@ -197,6 +197,7 @@ def test_user_model_module_file_edits_and_pt2_deployment(tmp_path):
         import sys, torch
         import lightning_quant
         from lightning_quant.deploy import compile_int8
+        from lightning_quant.examples import DigitsDataModule
         for path in sys.argv[1:]:
             program = lightning_quant.load_program(path)
             plain = torch.export.load(path)  # importing lightning_quant registered the ops
@@ -204,10 +205,16 @@ def test_user_model_module_file_edits_and_pt2_deployment(tmp_path):
                 x = torch.randn(batch, 1, 8, 8)
                 assert program.module()(x).shape == (batch, 10)
                 assert torch.equal(plain.module()(x), program.module()(x))
+        # oneDNN requantizes int32 sums where the program sums dequantized floats, so a code may move one step:
+        # compare on real digits with a continuous measure (noise input gives near-tied logits whose arg-max flips)
+        data = DigitsDataModule()
+        data.setup("test")
+        x = torch.cat([batch[0] for batch in data.test_dataloader()])
         with torch.no_grad():
-            x = torch.randn(5, 1, 8, 8)
             got, ref = compile_int8(program)(x), program.module()(x)
-        assert (got.argmax(1) == ref.argmax(1)).all(), (got - ref).abs().max()
+        sqnr = 10 * torch.log10(ref.pow(2).mean() / (got - ref).pow(2).mean().clamp_min(1e-12))
+        assert sqnr > 25, sqnr
+        assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
         print("ok")
     """)
     proc = subprocess.run(

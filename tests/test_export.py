@@ -315,7 +315,7 @@ def test_output_quantizers_let_onnxruntime_run_every_conv_as_integer(tmp_path):
     names them, and with ``layers.quantize_outputs`` onnxruntime fuses every conv into ``QLinearConv``. With the
     residual sums, the first block's input and the head quantized too, the optimized graph holds no float layer,
     as onnxruntime's own ``quantize_static`` graph."""
-    x = torch.randn(16, 3, 32, 32)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     outputs = ["layers.quantize_outputs=['conv1','*.conv2','*.shortcut.0']"]
     whole = [
         "layers.quantize_outputs=['*.conv2','*.shortcut.0','layers.[0-8]','fc']",
@@ -341,9 +341,13 @@ def test_output_quantizers_let_onnxruntime_run_every_conv_as_integer(tmp_path):
         ops[label] = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
         with torch.no_grad():
             ref = model(x)
-        # the same grids; where float summation order moves a value across a rounding boundary, one code flips
-        assert torch.equal(got.argmax(1), ref.argmax(1))
-        assert (got - ref).abs().max() < 0.01 * ref.abs().max()
+        # the same grids; where float summation order moves a value across a rounding boundary, one code flips,
+        # so the arg-max must agree only where the reference's top-two margin exceeds the largest difference
+        error = (got - ref).abs().max()
+        assert error < 0.01 * ref.abs().max()
+        top2 = ref.topk(2, dim=1).values
+        decided = top2[:, 0] - top2[:, 1] > 2 * error
+        assert decided.float().mean() >= 0.5 and torch.equal(got.argmax(1)[decided], ref.argmax(1)[decided])
     convs = sum(isinstance(m, nn.Conv2d) for m in resnet20().modules())
     fused = {k: v["QLinearConv"] for k, v in ops.items()}
     assert fused["outputs too"] == fused["whole graph"] == convs > fused["inputs only"]

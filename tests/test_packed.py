@@ -258,7 +258,9 @@ def test_cli_export_of_a_reactnet_checkpoint_rebuilds_the_trained_model(images, 
     pl.seed_everything(0)
     model = ImageClassifier(epochs=1)  # the CLI's default model: DigitsCNN, whose ReLUs are modules
     trainer = quiet_trainer(
-        [Binarization("reactnet", ["diagnostics.summary=false"])], max_epochs=1, limit_train_batches=4,
+        [Binarization("reactnet", ["diagnostics.summary=false"])],
+        max_epochs=1,
+        limit_train_batches=4,
         limit_val_batches=0,
     )
     trainer.fit(model, datamodule=DigitsDataModule())

@@ -271,4 +271,3 @@ def test_shipped_recipes_survive_a_round_trip_through_their_own_yaml(tmp_path, n
     again = load_recipe(path)
     assert again.fingerprint() == recipe.fingerprint()
     assert dataclasses.replace(again, source="") == dataclasses.replace(recipe, source="")
-
