@@ -28,8 +28,8 @@ import torch.ao.quantization as tq
 from torch import nn
 
 from lightning_quant import PostTrainingQuantization, load_recipe, quantize_model
-from lightning_quant.algorithms import ALGORITHMS, calibrate, finalize, set_quant_state
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
+from lightning_quant.ptq import ALGORITHMS, calibrate, finalize, set_quant_state
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import header, interleaved_ratios, quiet_trainer  # noqa: E402

@@ -211,9 +211,7 @@ def save_program(program: Any, path: Union[str, Path]) -> Path:
     with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w") as target:
         for info in source.infolist():
             deflate = info.filename.endswith(".json")
-            target.writestr(
-                info.filename, source.read(info), zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
-            )
+            target.writestr(info.filename, source.read(info), zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
     return path
 
 
@@ -264,10 +262,48 @@ def check_archive(path: Union[str, Path], what: str = "a packed model") -> None:
 # sympy's own srepr of integer shape arithmetic is let through (these names, quoted symbol names, numbers).
 _SHAPE_NAMES = frozenset(
     {
-        "Symbol", "Integer", "Rational", "Mul", "Add", "Pow", "Mod", "Max", "Min", "Abs", "FloorDiv", "CeilDiv",
-        "CleanDiv", "PythonMod", "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "ModularIndexing", "TruncToInt",
-        "RoundToInt", "FloorToInt", "CeilToInt", "ToFloat", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
-        "true", "false", "True", "False", "positive", "integer", "nonnegative", "negative", "real", "finite",
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Mul",
+        "Add",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "FloorDiv",
+        "CeilDiv",
+        "CleanDiv",
+        "PythonMod",
+        "IntTrueDiv",
+        "FloatTrueDiv",
+        "PowByNatural",
+        "ModularIndexing",
+        "TruncToInt",
+        "RoundToInt",
+        "FloorToInt",
+        "CeilToInt",
+        "ToFloat",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "true",
+        "false",
+        "True",
+        "False",
+        "positive",
+        "integer",
+        "nonnegative",
+        "negative",
+        "real",
+        "finite",
     }
 )
 _QUOTED_SYMBOL = re.compile(r"'[A-Za-z]{1,8}\d{0,9}'")
@@ -296,9 +332,7 @@ def _is_shape_expression(expr: str) -> bool:
     bare = _QUOTED_SYMBOL.sub("0", expr)
     if not re.fullmatch(r"[\w\s(),=+\-*/]*", bare):
         return False
-    return all(
-        word in _SHAPE_NAMES or re.fullmatch(r"[su]\d+", word) for word in _SHAPE_IDENTIFIER.findall(bare)
-    )
+    return all(word in _SHAPE_NAMES or re.fullmatch(r"[su]\d+", word) for word in _SHAPE_IDENTIFIER.findall(bare))
 
 
 def check_ops(

@@ -48,8 +48,8 @@ def test_ddp_calibration_matches_a_single_process_on_the_same_data(tmp_path, rec
     """Min-max ranges merged over ranks equal one process's; MSE activation grids and AdaRound's rounding
     come from rank 0 and are broadcast, so all ranks hold identical state."""
     from lightning_quant import load_recipe, quantize_model
-    from lightning_quant.algorithms import calibrate, finalize
     from lightning_quant.examples import DigitsCNN, ImageClassifier
+    from lightning_quant.ptq import calibrate, finalize
 
     torch.manual_seed(0)
     model = ImageClassifier(DigitsCNN(width=8)).eval()

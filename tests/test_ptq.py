@@ -11,11 +11,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, load_recipe, quantize_model
-from lightning_quant.algorithms import PTQConfig, calibrate, finalize, find_units, reconstruct, set_quant_state
-from lightning_quant.algorithms.bitsplit import bit_split_layer, split, stitch
-from lightning_quant.algorithms.capture import stored
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
 from lightning_quant.nn import LayerSelection
+from lightning_quant.ptq import PTQConfig, calibrate, finalize, find_units, reconstruct, set_quant_state
+from lightning_quant.ptq.bitsplit import bit_split_layer, split, stitch
+from lightning_quant.ptq.capture import stored
 from lightning_quant.quantizers import ObserverQuantizer, QuantizerConfig
 from lightning_quant.quantizers.functional import qparams_from_range
 from lightning_quant.quantizers.observers import HistogramObserver, MSEObserver, kl_divergences

@@ -5,7 +5,6 @@ import torch
 import torch.fx
 from torch import nn
 
-from lightning_quant.algorithms import set_quant_state
 from lightning_quant.nn import (
     LayerOverride,
     LayerSelection,
@@ -15,6 +14,7 @@ from lightning_quant.nn import (
     summarize,
 )
 from lightning_quant.nn.modules import QuantConv2d, QuantizedLayer
+from lightning_quant.ptq import set_quant_state
 from lightning_quant.quantizers import QuantizerConfig
 
 W4 = QuantizerConfig(method="lsq", bits=4)

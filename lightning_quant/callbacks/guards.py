@@ -77,8 +77,7 @@ def check_export_target(recipe: Recipe, path: str, format: str) -> None:
         if cfg.enabled and cfg.method not in allowed:
             hint = "export binary weights with a .packed path" if recipe.kind == "binary" else "use another method"
             raise MisconfigurationException(
-                f"{where}: {key}.method={cfg.method!r} has no integer-grid export (exported: "
-                f"{list(allowed)}); {hint}"
+                f"{where}: {key}.method={cfg.method!r} has no integer-grid export (exported: {list(allowed)}); {hint}"
             )
     if format == "torch" and recipe.weights.enabled and recipe.weights.granularity == "per_group":
         raise MisconfigurationException(

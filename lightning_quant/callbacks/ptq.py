@@ -14,8 +14,6 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lightning_quant.algorithms import ALGORITHMS, Step, calibrate, finalize, set_quant_state
-from lightning_quant.algorithms.normtweak import find_causal_lm, generate_calibration_data
 from lightning_quant.callbacks.base import (
     RecipeCallback,
     _quantizers,
@@ -27,6 +25,8 @@ from lightning_quant.callbacks.base import (
 )
 from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
 from lightning_quant.nn import QuantizationReport
+from lightning_quant.ptq import ALGORITHMS, Step, calibrate, finalize, set_quant_state
+from lightning_quant.ptq.normtweak import find_causal_lm, generate_calibration_data
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.recipes import Recipe, override_list
 

@@ -327,5 +327,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
     args.func(args)
-
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Optional
 
-from lightning_quant.algorithms import ALGORITHMS
 from lightning_quant.nn.modules import TYPE_NAMES
+from lightning_quant.ptq import ALGORITHMS
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
 from lightning_quant.quantizers.observers import observer_names
 from lightning_quant.recipes.kinds import KINDS, kind_note, validate_kind

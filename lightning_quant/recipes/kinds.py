@@ -10,7 +10,7 @@ import inspect
 from dataclasses import fields
 from typing import Any, Optional
 
-from lightning_quant.algorithms import PTQConfig
+from lightning_quant.ptq import PTQConfig
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
 from lightning_quant.quantizers.binary import BinaryQuantizer
 from lightning_quant.recipes.schema import (

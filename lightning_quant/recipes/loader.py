@@ -274,4 +274,3 @@ def load_recipe(recipe: RecipeLike, overrides: Overrides = None) -> Recipe:
         result.description += f" (overrides: {', '.join(shown)})"
     validate_recipe(result, origins)
     return result
-

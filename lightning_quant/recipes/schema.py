@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from lightning_quant.algorithms import PTQConfig
 from lightning_quant.nn.surgery import LayerSelection
+from lightning_quant.ptq import PTQConfig
 from lightning_quant.quantizers import QuantizerConfig
 
 # Where a key's value came from, for error messages: key path -> "file.yaml" or "file.yaml: override '...'".

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.algorithms.units import Unit
+from lightning_quant.ptq.units import Unit
 
 RunBatch = Callable[[Any], Any]
 

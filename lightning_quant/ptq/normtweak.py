@@ -19,12 +19,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_quant.algorithms.capture import Call, RunBatch, first_tensor
-from lightning_quant.algorithms.gptq import gptq_unit, transformer_units
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
-from lightning_quant.algorithms.registry import register_algorithm
-from lightning_quant.algorithms.units import Unit
 from lightning_quant.nn.modules import QuantizedLayer
+from lightning_quant.ptq.capture import Call, RunBatch, first_tensor
+from lightning_quant.ptq.gptq import gptq_unit, transformer_units
+from lightning_quant.ptq.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
+from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.units import Unit
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 

@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from lightning_quant.algorithms.capture import RunBatch
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig
+from lightning_quant.ptq.capture import RunBatch
+from lightning_quant.ptq.reconstruction import Progress, PTQConfig
 
 Algorithm = Callable[[nn.Module, Sequence[Any], RunBatch, PTQConfig, Optional[Progress]], dict[str, list[float]]]
 ALGORITHMS: dict[str, Algorithm] = {}

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_quant.algorithms.capture import RunBatch, UnitSignatureError, capture
-from lightning_quant.algorithms.units import Unit, find_units
+from lightning_quant.ptq.capture import RunBatch, UnitSignatureError, capture
+from lightning_quant.ptq.units import Unit, find_units
 from lightning_quant.quantizers import ObserverQuantizer, Quantizer
 from lightning_quant.quantizers.adaround import AdaRound
 

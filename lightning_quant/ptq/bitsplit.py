@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_quant.algorithms.capture import RunBatch, capture
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized, set_quant_state
-from lightning_quant.algorithms.registry import register_algorithm
-from lightning_quant.algorithms.units import find_units
 from lightning_quant.nn.modules import QuantizedLayer, is_linear
+from lightning_quant.ptq.capture import RunBatch, capture
+from lightning_quant.ptq.reconstruction import Progress, PTQConfig, Step, eval_then_quantized, set_quant_state
+from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.units import find_units
 from lightning_quant.quantizers import ObserverQuantizer
 
 MAX_ROWS = 15000  # sampled input rows (patches) per layer, as in the paper's code

@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 from torch import nn
 
-from lightning_quant.algorithms.capture import RunBatch
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, reconstruct
-from lightning_quant.algorithms.registry import register_algorithm
+from lightning_quant.ptq.capture import RunBatch
+from lightning_quant.ptq.reconstruction import Progress, PTQConfig, reconstruct
+from lightning_quant.ptq.registry import register_algorithm
 
 
 @register_algorithm("adaround")

@@ -21,11 +21,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_quant.algorithms.capture import Call, RunBatch, _stop_hook, record_calls, run_until_stop
-from lightning_quant.algorithms.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
-from lightning_quant.algorithms.registry import register_algorithm
-from lightning_quant.algorithms.units import Unit, find_units
 from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
+from lightning_quant.ptq.capture import Call, RunBatch, _stop_hook, record_calls, run_until_stop
+from lightning_quant.ptq.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
+from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.units import Unit, find_units
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.quantizers.functional import qparams_from_range
 
