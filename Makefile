@@ -14,8 +14,8 @@ $(BIN)/python:
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 
 $(VENV)/.installed-base: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[plots,cli]"
-	$(BIN)/python -c "from lightning_quant.quantizers import native; native.module()"  # builds the fused CPU kernels (once, ~30 s)
+	$(BIN)/python -m pip install -q -e ".[plots,cli,kernels]"
+	$(BIN)/python -c "from lightning_quant.quantizers import _kernels; _kernels.load()"  # builds the fused CPU kernels (once, ~30 s)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-base

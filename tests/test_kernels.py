@@ -4,7 +4,9 @@ ones) give the same values and gradients as torch's reference fake-quant ops."""
 import pytest
 import torch
 
-from lightning_quant.quantizers import LSQQuantizer, QuantizerConfig, fake_quantize, kernels, native
+from lightning_quant.quantizers import LSQQuantizer, QuantizerConfig, fake_quantize
+from lightning_quant.quantizers import _kernels as kernels
+from lightning_quant.quantizers._kernels import build
 
 SIZES = {  # one tensor shape per path
     "generated": (8, 16, 48, 48),  # >= kernels.MIN_NUMEL: compiled one-pass kernels
@@ -31,14 +33,14 @@ def big() -> torch.Tensor:
 @pytest.fixture(autouse=True, params=["fused", "python"])
 def backend(request):
     """Every test runs with the fused C++ kernels and with the Python paths they replace."""
-    native.set_enabled(request.param == "fused")
+    build.set_enabled(request.param == "fused")
     yield request.param
-    native.set_enabled(True)
+    build.set_enabled(True)
 
 
 def test_fused_kernels_build(backend):
     if backend == "fused":
-        assert native.module() is not None  # a C++ compiler is part of the test environment
+        assert build.load() is not None  # a C++ compiler is part of the test environment
 
 
 def test_sizes_reach_each_path():

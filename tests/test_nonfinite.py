@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, quantize_model
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
-from lightning_quant.quantizers import QuantizerConfig, native
+from lightning_quant.quantizers import QuantizerConfig
+from lightning_quant.quantizers._kernels import build
 from lightning_quant.quantizers.finite import NonFiniteInputError
 
 FAMILIES = {  # (weights, activations) per quantizer family
@@ -32,9 +33,9 @@ FAMILIES = {  # (weights, activations) per quantizer family
 
 @pytest.fixture(autouse=True, params=["fused", "python"])
 def backend(request):
-    native.set_enabled(request.param == "fused")
+    build.set_enabled(request.param == "fused")
     yield request.param
-    native.set_enabled(True)
+    build.set_enabled(True)
 
 
 class Net(nn.Module):

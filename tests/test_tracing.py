@@ -9,7 +9,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from lightning_quant import quantize_model
 from lightning_quant.examples import DigitsCNN
-from lightning_quant.quantizers import QuantizerConfig, native
+from lightning_quant.quantizers import QuantizerConfig
+from lightning_quant.quantizers._kernels import build
 
 
 def _trained(method: str) -> nn.Module:
@@ -28,7 +29,7 @@ def _trained(method: str) -> nn.Module:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "python"])
 @pytest.mark.parametrize("method", ["lsq", "observer"])
 def test_jit_trace_matches_the_model(method, fused):
-    native.set_enabled(fused)
+    build.set_enabled(fused)
     try:
         net = _trained(method)
         x = torch.randn(16, 1, 8, 8)
@@ -39,7 +40,7 @@ def test_jit_trace_matches_the_model(method, fused):
         if fused:
             assert "lightning_quant::" in str(traced.inlined_graph)  # the operator, not its empty output buffer
     finally:
-        native.set_enabled(True)
+        build.set_enabled(True)
 
 
 def test_make_fx_records_the_operators():

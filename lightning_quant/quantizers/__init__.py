@@ -1,6 +1,6 @@
 """Tensor-level quantizers (no Lightning import): fake quantization, learned quantizers and their registry."""
 
-from lightning_quant.quantizers import affine, binary, dorefa, dsq, dynamic, kernels, lsq, pact  # noqa: F401  (registers them)
+from lightning_quant.quantizers import affine, binary, dorefa, dsq, dynamic, lsq, pact  # noqa: F401  (registers them)
 from lightning_quant.quantizers.affine import ObserverQuantizer
 from lightning_quant.quantizers.base import QUANTIZERS, Quantizer, QuantizerConfig, build_quantizer, register_quantizer
 from lightning_quant.quantizers.dorefa import DoReFaQuantizer

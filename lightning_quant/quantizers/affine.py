@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from lightning_quant.quantizers import kernels, native
+from lightning_quant.quantizers import _kernels as kernels
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
-from lightning_quant.quantizers.finite import NonFiniteInputError, check_floats, check_range, message
+from lightning_quant.quantizers.finite import NonFiniteInputError, check_range, message
 from lightning_quant.quantizers.functional import (
     fake_quantize,
-    qparams_from_floats,
     qparams_from_range,
     round_ste,
     tensor_aminmax,
@@ -104,7 +102,7 @@ class ObserverQuantizer(Quantizer):
     # -- the eager CPU path ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._initialized and self.fake_quant_enabled and self._plain() and kernels.applies(x):
-            if self.granularity == "per_tensor" and self.observer.float_combine:
+            if self.granularity == "per_tensor" and self.observer.fused_combine:
                 return self._per_tensor_forward(x)
             if self._symmetric_rows():
                 return self._per_channel_forward(x)
@@ -131,12 +129,12 @@ class ObserverQuantizer(Quantizer):
         )
 
     def _per_tensor_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe and fake-quantize in a few calls instead of some thirty (each costs more than a small tensor's
-        work): in one fused kernel where built, else with the range and qparams as float32 scalars. The same
-        values as the tensor path either way."""
+        """Observe and fake-quantize in one fused call where the kernels are built (some thirty ATen calls otherwise,
+        each costing more than a small tensor's work), else observe as the tensor path does and fake-quantize
+        with the qparams as Python numbers. The same values as the tensor path either way."""
         observing = self.observer_enabled and self.training
         obs = self.observer
-        fused = native.module()
+        fused = kernels.load()
         if fused is not None:
             mode = -1  # frozen
             if observing:
@@ -153,25 +151,14 @@ class ObserverQuantizer(Quantizer):
                 obs.mark_observed()
             return out
         if observing:
-            lo_t, hi_t = torch.aminmax(x.detach())
-            lo, hi = np.float32(lo_t.item()), np.float32(hi_t.item())
-            check_floats(lo, hi, self)
-            lo, hi = obs.update_floats(lo, hi, reset=self.role == "weight")
-            scale, zero_point = qparams_from_floats(lo, hi, self.qmin, self.qmax, self.symmetric)
-            self.scale.fill_(float(scale))
-            if self.symmetric:
-                zero_point = int(self.zero_point.item())
-            else:
-                self.zero_point.fill_(zero_point)
-        else:
-            scale, zero_point = self.scale.item(), int(self.zero_point.item())
-        return kernels.per_tensor_fake_quant(x, float(scale), zero_point, self.qmin, self.qmax)
+            self.observe(x)  # range, running range and qparams as the tensor path computes them
+        return kernels.per_tensor_fake_quant(x, self.scale.item(), int(self.zero_point.item()), self.qmin, self.qmax)
 
     def _per_channel_forward(self, w: torch.Tensor) -> torch.Tensor:
         """Symmetric per-channel weights: one fused call, or the ranges written in place by ``amin``/``amax``."""
         observing = self.observer_enabled and self.training
         obs = self.observer
-        fused = native.module()
+        fused = kernels.load()
         if fused is not None:
             buffers = (obs.min_val, obs.max_val, self.scale, self.zero_point)
             try:

@@ -12,7 +12,6 @@ per quantizer and recompile the layers' code for each; elsewhere it is a ``NonFi
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -45,12 +44,6 @@ def check_range(lo: torch.Tensor, hi: torch.Tensor, owner: Any) -> None:
     """Raise unless the range ``[lo, hi]`` (per-group vectors) is finite, width included: a NaN or Inf in the
     input makes the range non-finite, so this costs no extra pass over the tensor."""
     require(torch.isfinite(hi - lo).all(), owner)
-
-
-def check_floats(lo: float, hi: float, owner: Any) -> None:
-    """:func:`check_range` for a range held as Python or numpy scalars."""
-    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        raise NonFiniteInputError(message(owner))
 
 
 def check_tensor(x: torch.Tensor, owner: Any) -> None:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from lightning_quant.quantizers import kernels
+from lightning_quant.quantizers import _kernels as kernels
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -115,30 +114,6 @@ def qparams_from_range(
     return scale, zero_point
 
 
-def qparams_from_floats(
-    min_val: np.float32, max_val: np.float32, qmin: int, qmax: int, symmetric: bool
-) -> tuple[np.float32, int]:
-    """:func:`qparams_from_range` for one range held as float32 scalars, with the same float32 arithmetic.
-
-    The same scale and zero point, bit for bit, without the dozen tensor ops that cost more than a small
-    layer's fake quantization on the CPU (the eager path of per-tensor observers).
-    """
-    eps = np.float32(_FLOAT32_EPS)
-    if symmetric:
-        if qmin < 0:
-            scale = np.maximum(-min_val, max_val) / np.float32((qmax - qmin) / 2)
-        else:
-            scale = np.maximum(max_val, np.float32(0.0)) / np.float32(qmax)
-        return np.maximum(scale, eps), 0
-    lo = np.minimum(min_val, np.float32(0.0))
-    hi = np.maximum(max_val, np.float32(0.0))
-    scale = np.maximum((hi - lo) / np.float32(qmax - qmin), eps)
-    zero_point = np.float32(qmin) - np.rint(lo / scale)
-    if np.isnan(zero_point):
-        raise ValueError(f"the observed range [{min_val}, {max_val}] holds NaN: the quantized tensor had NaN values")
-    return scale, int(min(max(zero_point, qmin), qmax))
-
-
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -172,7 +147,7 @@ def fake_quantize(
                 use_reentrant=False,
             )
         return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, granularity, axis, group_size)
-    fused = kernels.applies(x) and (x.numel() >= kernels.EAGER_MIN_NUMEL or kernels.native.module() is not None)
+    fused = kernels.applies(x) and (x.numel() >= kernels.EAGER_MIN_NUMEL or kernels.load() is not None)
     if granularity == "per_tensor":
         if fused:
             return kernels.affine_fake_quant(x, scale, zero_point, qmin, qmax, None)

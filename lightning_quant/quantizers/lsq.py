@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.quantizers import kernels
+from lightning_quant.quantizers import _kernels as kernels
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.finite import check_tensor
 from lightning_quant.quantizers.functional import grad_scale, is_distributed, round_ste, row_aminmax

@@ -14,7 +14,6 @@ import math
 from collections.abc import Callable
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,7 +50,7 @@ class Observer(OptionalStateModule):
     """
 
     plain_range: ClassVar[bool] = True
-    float_combine: ClassVar[bool] = False  # combine_floats() is combine() for one group held as float32 scalars
+    fused_combine: ClassVar[bool] = False  # the fused per-tensor kernel computes combine() (min-max and EMA)
 
     def __init__(self, num_groups: int = 1) -> None:
         super().__init__()
@@ -102,29 +101,6 @@ class Observer(OptionalStateModule):
         self.combine(lo, hi)
         self._counted()
 
-    def update_floats(self, lo: np.float32, hi: np.float32, reset: bool = False) -> tuple[np.float32, np.float32]:
-        """:meth:`update` (or with ``reset``, :meth:`reset_to`) for a one-group range given as float32 scalars.
-
-        Returns the new running range, which the buffers hold too. The arithmetic is :meth:`combine`'s in float32,
-        so the result is the same to the bit; per-tensor quantizers use it on the CPU to spare the tensor ops.
-        """
-        if not reset and self._has_range:
-            lo, hi = self.combine_floats(lo, hi, np.float32(self.min_val.item()), np.float32(self.max_val.item()))
-        self.min_val.fill_(float(lo))
-        self.max_val.fill_(float(hi))
-        if reset:
-            self.count.fill_(1)
-            self._has_range = True
-        else:
-            self._counted()
-        return lo, hi
-
-    def combine_floats(
-        self, lo: np.float32, hi: np.float32, min_val: np.float32, max_val: np.float32
-    ) -> tuple[np.float32, np.float32]:
-        """The running range after merging ``[lo, hi]`` into ``[min_val, max_val]``, as :meth:`combine` computes it."""
-        raise NotImplementedError(f"{type(self).__name__} has no float32 scalar path")
-
     @torch.no_grad()
     def reset_to(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Forget the history and hold exactly ``[lo, hi]`` (weights are re-observed from scratch each step)."""
@@ -153,16 +129,11 @@ class Observer(OptionalStateModule):
 class MinMaxObserver(Observer):
     """Running minimum and maximum over everything seen (exact, but sensitive to outliers)."""
 
-    float_combine = True
+    fused_combine = True
 
     def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         torch.minimum(self.min_val, lo, out=self.min_val)
         torch.maximum(self.max_val, hi, out=self.max_val)
-
-    def combine_floats(
-        self, lo: np.float32, hi: np.float32, min_val: np.float32, max_val: np.float32
-    ) -> tuple[np.float32, np.float32]:
-        return np.minimum(min_val, lo), np.maximum(max_val, hi)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -177,10 +148,10 @@ class EMAObserver(Observer):
     """Exponential moving average of per-batch min/max, the usual choice for activations during QAT.
 
     Each step moves the range by ``momentum·(batch - running)``, written as separate float32 operations (not
-    ``lerp``, which may fuse them) so that the scalar path of :meth:`combine_floats` gives the same bits.
+    ``lerp``, which may fuse them) so that the fused kernel's scalar arithmetic gives the same bits.
     """
 
-    float_combine = True
+    fused_combine = True
 
     def __init__(self, num_groups: int = 1, momentum: float = 0.01) -> None:
         super().__init__(num_groups)
@@ -193,12 +164,6 @@ class EMAObserver(Observer):
             return
         self.min_val.add_((lo - self.min_val).mul_(self.momentum))
         self.max_val.add_((hi - self.max_val).mul_(self.momentum))
-
-    def combine_floats(
-        self, lo: np.float32, hi: np.float32, min_val: np.float32, max_val: np.float32
-    ) -> tuple[np.float32, np.float32]:
-        w = np.float32(self.momentum)
-        return min_val + w * (lo - min_val), max_val + w * (hi - max_val)
 
 
 class PercentileObserver(Observer):
