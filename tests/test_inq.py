@@ -226,7 +226,7 @@ def test_overrides_skip_a_layer_and_change_its_bits_under_inq(tmp_path):
     ("recipe", "override", "refused"),
     [
         ("inq_5bit", "{pattern: net.classifier, activation_bits: 4}", r"layers\.overrides\[0\]\.activation_bits=4"),
-        ("inq_5bit", "{pattern: net.classifier, weight_bits: 9}", r"layers\.overrides\[0\]\.weight_bits=9.*2 to 8"),
+        ("inq_5bit", "{pattern: net.classifier, weight_bits: 1}", r"layers\.overrides\[0\]\.weight_bits=1.*2 to 8"),
         ("elq_ternary", "{pattern: net.classifier, weight_bits: 3}", r"layers\.overrides\[0\]\.weight_bits=3.*ternary"),
         ("inq_5bit", "{pattern: nets.classifier, skip: true}", r"layers\.overrides\[0\]\.pattern"),
     ],
