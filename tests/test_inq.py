@@ -3,6 +3,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_quant import IncrementalQuantization, load_recipe
 from lightning_quant.callbacks.inq import level_exponents, loss_aware_score, to_levels
@@ -153,3 +154,108 @@ def test_cli_inq_checkpoint_exports(tmp_path, capsys):
     cli_main(["export", "--checkpoint", str(ckpt), "--recipe", "inq_4bit", "--output", str(out)])
     assert "exported inq_4bit (onnx)" in capsys.readouterr().out
     assert out.is_file()
+
+
+# -- layer selection: the same rules as surgery (first/last, include/exclude, overrides) -----------------------
+def _quantized_by_surgery(recipe, overrides):
+    """The layers QAT's surgery quantizes on a fresh model under the same ``layers`` section."""
+    from lightning_quant.nn import quantize_model
+
+    r = load_recipe(recipe, overrides)
+    net = ImageClassifier(DigitsCNN(width=8))
+    report = quantize_model(net, r.weights, r.activations, r.layers)
+    return {row.name for row in report.layers if row.status == "quantized"}
+
+
+def _fit_with(tmp_path, recipe, overrides, max_epochs=1):
+    pl.seed_everything(0)
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=max_epochs)
+    cb = IncrementalQuantization(recipe, overrides=["inq.epochs=[0,1,2,3]", *overrides])
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.fit(model, datamodule=DigitsDataModule())
+    return model, cb, trainer, start
+
+
+def test_first_and_last_layer_float_stay_float_under_inq(tmp_path):
+    overrides = ["layers.first_layer=float", "layers.last_layer=float"]
+    model, cb, _, _ = _fit_with(tmp_path, "inq_4bit", overrides)
+    assert set(cb.masks) == {"net.features.3", "net.features.7"} == _quantized_by_surgery("inq_4bit", overrides)
+    w = model.net.features[0].weight.detach()
+    assert torch.unique(w).numel() == w.numel()  # trained float weights, none rounded to a level
+
+
+def test_first_layer_rule_applies_to_the_same_layer_as_surgery_when_it_is_excluded(tmp_path):
+    """``first_layer`` names the first layer of the selected types, as surgery counts it; excluding that layer does
+    not move the rule onto the next one (INQ once dropped the first layer left after include/exclude)."""
+    overrides = ["layers.first_layer=float", "layers.exclude=[net.features.0]"]
+    _, cb, _, _ = _fit_with(tmp_path, "inq_4bit", overrides)
+    expected = _quantized_by_surgery("inq_4bit", overrides)
+    assert expected == {"net.features.3", "net.features.7", "net.classifier"}
+    assert set(cb.masks) == expected
+
+
+def test_overrides_skip_a_layer_and_change_its_bits_under_inq(tmp_path):
+    ov = "layers.overrides=[{pattern: net.classifier, skip: true}, {pattern: 'net.features.[03]', weight_bits: 3}]"
+    model, cb, _, start = _fit_with(tmp_path, "inq_5bit", [ov], max_epochs=4)  # every stage: all weights frozen
+    assert (
+        set(cb.masks)
+        == {"net.features.0", "net.features.3", "net.features.7"}
+        == _quantized_by_surgery("inq_5bit", [ov])
+    )
+    w = model.net.classifier.weight.detach()
+    assert not torch.equal(w, start["net.classifier.weight"]) and torch.unique(w).numel() == w.numel()  # float
+    for name, magnitudes in (("net.features.0", 2), ("net.features.3", 2), ("net.features.7", 8)):  # 3, 3, 5 bits
+        n1, n2 = cb.exponents[name]
+        assert n2 == n1 + 1 - magnitudes  # 2^(bits-1)/2 magnitudes, one code for zero
+        w = dict(model.named_modules())[name].weight.detach()
+        assert _levels_ok(w, n1, n2)
+        assert torch.unique(w.abs()).numel() <= magnitudes + 1  # the magnitudes and zero
+
+
+@pytest.mark.parametrize(
+    ("recipe", "override", "refused"),
+    [
+        ("inq_5bit", "{pattern: net.classifier, activation_bits: 4}", r"layers\.overrides\[0\]\.activation_bits=4"),
+        ("inq_5bit", "{pattern: net.classifier, weight_bits: 1}", r"layers\.overrides\[0\]\.weight_bits=1.*2 to 8"),
+        ("elq_ternary", "{pattern: net.classifier, weight_bits: 3}", r"layers\.overrides\[0\]\.weight_bits=3.*ternary"),
+        ("inq_5bit", "{pattern: nets.classifier, skip: true}", r"layers\.overrides\[0\]\.pattern"),
+    ],
+)
+def test_an_override_inq_cannot_honour_is_refused_naming_its_key(tmp_path, recipe, override, refused):
+    with pytest.raises(MisconfigurationException, match=refused):
+        _fit_with(tmp_path, recipe, [f"layers.overrides=[{override}]"])
+
+
+# -- checkpoints: a resume under another recipe is refused, naming what differs --------------------------------
+@pytest.mark.parametrize(
+    ("saved", "resumed", "differs"),
+    [
+        (("inq_4bit", []), ("inq_3bit", []), r"weights\.bits: 4 -> 3"),
+        (("inq_4bit", []), ("inq_4bit", ["weights.bits=3"]), r"weights\.bits: 4 -> 3"),
+        (("inq_4bit", []), ("inq_4bit", ["layers.first_layer=float"]), r"layers\.first_layer: same -> float"),
+        (("elq_ternary", []), ("elq_ternary", ["inq.levels=pow2"]), r"inq\.levels: ternary -> pow2"),
+    ],
+)
+def test_resume_under_a_different_recipe_is_refused(tmp_path, saved, resumed, differs):
+    _, _, trainer, _ = _fit_with(tmp_path, *saved)
+    ckpt = tmp_path / "inq.ckpt"
+    trainer.save_checkpoint(ckpt)
+    pl.seed_everything(0)
+    model = ImageClassifier(DigitsCNN(width=8), optimizer="sgd", lr=0.05, epochs=2)
+    cb = IncrementalQuantization(resumed[0], overrides=["inq.epochs=[0,1,2,3]", *resumed[1]])
+    again = pl.Trainer(
+        max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False, default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+    )  # fmt: skip
+    with pytest.raises(MisconfigurationException, match=rf"different recipe(.|\n)*{differs}"):
+        again.fit(model, datamodule=DigitsDataModule(), ckpt_path=ckpt)

@@ -16,26 +16,23 @@ its gradient since the last stage, plus ``error_weight`` times its squared appro
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import weakref
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from torch import nn
 from typing_extensions import override
 
+from lightning_quant.callbacks.base import RecipeCallback
 from lightning_quant.callbacks.diagnostics import log_metrics
-from lightning_quant.callbacks.guards import check_only_quantization_callback
-from lightning_quant.nn.modules import quantized_class, selection_name
-from lightning_quant.nn.report import LayerSelectionError, check_globs
-from lightning_quant.nn.surgery import clean_name
-from lightning_quant.recipes import Recipe, RecipeError, load_recipe
+from lightning_quant.callbacks.guards import recipe_mismatch_message
+from lightning_quant.nn.report import LayerSelectionError, QuantizationReport
+from lightning_quant.nn.surgery import select_layers
+from lightning_quant.recipes import Recipe
 
 
 def level_exponents(weight: torch.Tensor, bits: int) -> tuple[int, int]:
@@ -75,38 +72,33 @@ def loss_aware_score(
     return change / change.abs().mean().clamp_min(1e-12) + error_weight * error / error.mean().clamp_min(1e-12)
 
 
-class IncrementalQuantization(Callback):
+class IncrementalQuantization(RecipeCallback):
     """Train a LightningModule into power-of-two weights, stage by stage, as an ``inq_*`` recipe says.
 
     Stage ``k`` starts at epoch ``inq.epochs[k]`` and leaves ``inq.portions[k]`` of each selected layer's
-    weights quantized and frozen. The level set per layer follows the paper (``weights.bits``, one code for
-    zero), computed from the layer's weights when training starts. Masks and frozen values are saved in the
-    checkpoint, so ``fit(ckpt_path=...)`` resumes mid-schedule. Example::
+    weights quantized and frozen. Layers are chosen by the ``layers`` section with the same rules as the other
+    callbacks (first/last layer, include/exclude, overrides: ``skip``, and ``weight_bits`` for power-of-two
+    levels); the layers stay float modules whose weights reach the levels. The level set per layer follows the
+    paper (its bits, one code for zero), computed from the layer's weights when its first stage starts. Masks
+    and frozen values are saved in the checkpoint, so ``fit(ckpt_path=...)`` resumes mid-schedule; a checkpoint
+    made under another recipe is refused. Example::
 
         trainer = L.Trainer(max_epochs=8, callbacks=[IncrementalQuantization("inq_5bit")])
         trainer.fit(model, datamodule=dm)
     """
 
-    quantizes_model = True  # one such callback per Trainer
+    kinds = ("inq",)
 
     def __init__(
         self, recipe: Union[str, dict, DictConfig, Recipe] = "inq_5bit", overrides: Union[str, list[str], None] = None
     ):
-        try:
-            self.recipe = load_recipe(recipe, overrides)
-        except RecipeError as err:
-            raise MisconfigurationException(str(err)) from err
-        if self.recipe.kind != "inq":
-            raise MisconfigurationException(
-                f"{self.recipe.source}: kind={self.recipe.kind!r} is not allowed for IncrementalQuantization; "
-                "allowed: ['inq']"
-            )
-        self._model: Optional[weakref.ref] = None  # the model of the current run
+        super().__init__(recipe, overrides)
         self._hooked: set[int] = set()  # weights whose gradient this instance masks (hooks stay for their life)
-        self.reset_run_state()
 
+    @override
     def reset_run_state(self) -> None:
         """Forget a previous run's stages and masks (on another model): a reused instance acts as a new one."""
+        super().reset_run_state()
         self.exponents: dict[str, tuple[int, int]] = {}
         self.ternary: dict[str, tuple[float, float]] = {}  # ELQ: (threshold, alpha) per layer
         self.grad_mean: dict[str, torch.Tensor] = {}
@@ -114,47 +106,39 @@ class IncrementalQuantization(Callback):
         self.masks: dict[str, torch.Tensor] = {}
         self.frozen: dict[str, torch.Tensor] = {}
         self.stage = -1
+        self._selected: dict[str, tuple[nn.Module, int]] = {}  # this run's layers and their bits, from setup
+        self._warned: set[str] = set()  # surgery warnings already given for this model
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(recipe=self.recipe.name)
+    def select(self, model: nn.Module, report: Optional[QuantizationReport] = None) -> dict[str, tuple[nn.Module, int]]:
+        """The layers the ``layers`` section selects, by surgery's rules, each with its weight bits.
+
+        A name glob that matches no module raises :class:`LayerSelectionError`.
+        """
+        r = self.recipe
+        choices = select_layers(model, r.weights, r.activations, r.layers, report or QuantizationReport())
+        return {c.name: (c.module, c.weights.bits) for c in choices if c.kept is None and c.weights is not None}
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The layers the recipe selects (types, include/exclude globs, first/last rules)."""
-        sel = self.recipe.layers
-        found = [
-            (clean_name(n), m)
-            for n, m in model.named_modules()
-            if (qcls := quantized_class(type(m))) is not None
-            and selection_name(qcls) in sel.types
-            and any(fnmatch.fnmatchcase(clean_name(n), p) for p in sel.include)
-            and not any(fnmatch.fnmatchcase(clean_name(n), p) for p in sel.exclude)
-        ]
-        if found and sel.first_layer == "float":
-            found = found[1:]
-        if found and sel.last_layer == "float":
-            found = found[:-1]
-        return dict(found)
+        """The selected layers by name (see :meth:`select`)."""
+        return {name: module for name, (module, _) in self.select(model).items()}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_only_quantization_callback(trainer, self)
-        if self._model is None or self._model() is not pl_module:
-            self.reset_run_state()
-            self._model = weakref.ref(pl_module)
-        sel = self.recipe.layers
+        self.begin_setup(trainer, pl_module)
+        report = QuantizationReport()
         try:
-            include = [p for p in sel.include if p != "*"]
-            check_globs(pl_module, {"layers.include": include, "layers.exclude": list(sel.exclude)})
+            self._selected = self.select(pl_module, report)
         except LayerSelectionError as err:
             raise MisconfigurationException(f"{self.recipe.source}: {err}") from err
-        layers = self.layers(pl_module)
-        if not layers:
+        if not self._selected:
             raise MisconfigurationException(
                 f"{self.recipe.source}: no layer matched layers.types={self.recipe.layers.types}"
             )
-        for name, layer in layers.items():
+        for msg in report.warnings:  # a layer with parameters of a type INQ cannot quantize
+            if msg not in self._warned:
+                self._warned.add(msg)
+                rank_zero_warn(msg)
+        for name, (layer, _) in self._selected.items():
             if id(layer.weight) not in self._hooked:
                 layer.weight.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
                 self._hooked.add(id(layer.weight))
@@ -169,12 +153,12 @@ class IncrementalQuantization(Callback):
         mask = self.masks.get(name)
         return grad if mask is None else grad.masked_fill(mask, 0.0)
 
-    def quantize_values(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """``w`` on the layer's level set (powers of two, ternary or binary)."""
+    def quantize_values(self, name: str, w: torch.Tensor, bits: int) -> torch.Tensor:
+        """``w`` on the layer's level set (powers of two at ``bits``, ternary or binary)."""
         levels = self.recipe.inq.levels
         if levels == "pow2":
             if name not in self.exponents:
-                self.exponents[name] = level_exponents(w, self.recipe.weights.bits)
+                self.exponents[name] = level_exponents(w, bits)
             return to_levels(w, *self.exponents[name])
         if name not in self.ternary:
             self.ternary[name] = ternary_alpha(w) if levels == "ternary" else (-1.0, float(w.abs().mean()))
@@ -191,9 +175,9 @@ class IncrementalQuantization(Callback):
     def _quantize_stage(self, pl_module: pl.LightningModule, stage: int) -> None:
         inq = self.recipe.inq
         generator = torch.Generator().manual_seed(inq.seed + stage)
-        for name, layer in self.layers(pl_module).items():
+        for name, (layer, bits) in self.select(pl_module).items():
             w = layer.weight.data
-            q = self.quantize_values(name, w)
+            q = self.quantize_values(name, w, bits)
             mask = self.masks.get(name, torch.zeros_like(w, dtype=torch.bool))
             target = round(inq.portions[stage] * w.numel())
             extra = target - int(mask.sum())
@@ -234,7 +218,7 @@ class IncrementalQuantization(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         with torch.no_grad():
-            for name, layer in self.layers(pl_module).items():
+            for name, (layer, _) in self._selected.items():
                 mask = self.masks.get(name)
                 if mask is not None:
                     layer.weight.data[mask] = self.frozen[name][mask]
@@ -243,10 +227,27 @@ class IncrementalQuantization(Callback):
         total = sum(m.numel() for m in self.masks.values())
         return sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
 
+    # -- checkpoints: the recipe's fingerprint and levels are checked before any state is used ------------
+    def _check_levels(self, levels: Optional[str], recipe_yaml: str) -> None:
+        """The level set shapes the frozen weights but is no part of the fingerprint (weights, activations, layers)."""
+        if levels is not None and levels != self.recipe.inq.levels:
+            header = recipe_mismatch_message(recipe_yaml, self.recipe).split("\n")[0]
+            raise MisconfigurationException(f"{header}\n  inq.levels: {levels} -> {self.recipe.inq.levels}")
+
+    @override
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        return {"levels": self.recipe.inq.levels}
+
+    @override
+    def load_extra_checkpoint_state(self, saved: dict[str, Any]) -> None:
+        self._check_levels(saved.get("levels"), saved.get("recipe", ""))
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "fingerprint": self.recipe.fingerprint(),
             "recipe": self.recipe.to_yaml(),
+            "levels": self.recipe.inq.levels,
             "stage": self.stage,
             "exponents": dict(self.exponents),
             "ternary": dict(self.ternary),
@@ -256,6 +257,8 @@ class IncrementalQuantization(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_fingerprint(state_dict.get("fingerprint"), state_dict.get("recipe", ""))
+        self._check_levels(state_dict.get("levels"), state_dict.get("recipe", ""))
         self.stage = int(state_dict["stage"])
         self.exponents = {k: tuple(v) for k, v in state_dict["exponents"].items()}  # type: ignore[misc]
         self.ternary = {k: tuple(v) for k, v in state_dict.get("ternary", {}).items()}  # type: ignore[misc]

@@ -126,25 +126,33 @@ def _fold_pairs(model: nn.Module) -> dict[nn.Module, nn.modules.batchnorm._Batch
     return pairs
 
 
-def quantize_model(
+@dataclass
+class LayerChoice:
+    """What the ``layers`` section decides for one layer of a selected type: the quantizer settings it gets (edge
+    rules and overrides applied), or ``kept``, its report row when it stays float or is already quantized."""
+
+    name: str
+    module: nn.Module
+    weights: Optional[QuantizerConfig]
+    activations: Optional[QuantizerConfig]
+    reason: str = ""  # why its settings differ from the recipe's: layers.first_layer=8bit, override 'x'
+    kept: Optional[LayerReport] = None
+
+
+def select_layers(
     model: nn.Module,
     weights: QuantizerConfig,
     activations: QuantizerConfig,
-    layers: Optional[LayerSelection] = None,
-) -> QuantizationReport:
-    """Swap the selected layers of ``model`` for quantized layers, in place, and report what happened.
+    layers: LayerSelection,
+    report: QuantizationReport,
+) -> list[LayerChoice]:
+    """Apply the ``layers`` rules (types, include/exclude, first/last layer, overrides) to ``model``, in order.
 
-    Layers that are already quantized are kept as they are (so a second call, or a second ``fit``, is
-    harmless). Layers with parameters that cannot be quantized stay in float and are named in
-    ``report.warnings``. A name glob (``include``, ``exclude``, an override's ``pattern``, ``quantize_outputs``,
-    ``quantize_inputs``) that matches no module raises :class:`LayerSelectionError`. Example::
-
-        report = quantize_model(net, QuantizerConfig(method="lsq", bits=4), QuantizerConfig(method="lsq", bits=4))
-        print(report.table())
+    Every callback selects layers here, so a rule means the same under QAT, binarization and INQ. Modules with
+    parameters of an unsupported type are added to ``report`` (rows and warnings); a name glob that matches no
+    module raises :class:`LayerSelectionError`.
     """
-    layers = layers or LayerSelection()
     check_globs(model, selection_globs(layers))
-    report = QuantizationReport()
     seen: set[int] = set()
     candidates: list[tuple[str, nn.Module]] = []
     for raw_name, module in model.named_modules():
@@ -171,45 +179,85 @@ def quantize_model(
             )
             report.warnings.append(msg)
             report.layers.append(LayerReport(name, type(module).__name__, "float", reason="unsupported layer"))
+    return [
+        _choose(index, len(candidates), name, module, weights, activations, layers)
+        for index, (name, module) in enumerate(candidates)
+    ]
 
-    fold = _fold_pairs(model) if layers.fold_bn else {}
-    for index, (name, module) in enumerate(candidates):
-        wcfg: Optional[QuantizerConfig] = weights if weights.enabled else None
-        acfg: Optional[QuantizerConfig] = activations if activations.enabled else None
-        reason = ""
-        if isinstance(module, QuantizedLayer):
-            report.layers.append(_existing_row(name, module))
-            continue
-        if not matches(name, layers.include) or matches(name, layers.exclude):
-            report.layers.append(
-                LayerReport(name, type(module).__name__, "float", reason="excluded by layers.include/exclude")
+
+def _choose(
+    index: int,
+    count: int,
+    name: str,
+    module: nn.Module,
+    weights: QuantizerConfig,
+    activations: QuantizerConfig,
+    layers: LayerSelection,
+) -> LayerChoice:
+    """The decision for the ``index``-th of ``count`` candidate layers."""
+    wcfg: Optional[QuantizerConfig] = weights if weights.enabled else None
+    acfg: Optional[QuantizerConfig] = activations if activations.enabled else None
+    kind = type(module).__name__
+    if isinstance(module, QuantizedLayer):
+        return LayerChoice(name, module, None, None, kept=_existing_row(name, module))
+    if not matches(name, layers.include) or matches(name, layers.exclude):
+        return LayerChoice(
+            name, module, None, None, kept=LayerReport(name, kind, "float", reason="excluded by layers.include/exclude")
+        )
+    reason = ""
+    edge = "first_layer" if index == 0 else "last_layer" if index == count - 1 else ""
+    if edge:
+        rule = getattr(layers, edge)
+        if rule == "float":
+            return LayerChoice(
+                name, module, None, None, kept=LayerReport(name, kind, "float", reason=f"layers.{edge}=float")
             )
+        wcfg = _edge_config(rule, wcfg) if wcfg else None
+        acfg = _edge_config(rule, acfg) if acfg else None
+        reason = f"layers.{edge}={rule}" if rule != "same" else ""
+    skipped = False
+    for ov in layers.overrides:
+        if fnmatch.fnmatchcase(name, ov.pattern):
+            skipped = skipped or ov.skip
+            if ov.weight_bits is not None and wcfg is not None:
+                wcfg = replace(wcfg, bits=ov.weight_bits)
+            if ov.activation_bits is not None and acfg is not None:
+                acfg = replace(acfg, bits=ov.activation_bits)
+            reason = f"override {ov.pattern!r}"
+    if skipped:
+        return LayerChoice(name, module, None, None, kept=LayerReport(name, kind, "float", reason=reason))
+    return LayerChoice(name, module, wcfg, acfg, reason)
+
+
+def quantize_model(
+    model: nn.Module,
+    weights: QuantizerConfig,
+    activations: QuantizerConfig,
+    layers: Optional[LayerSelection] = None,
+) -> QuantizationReport:
+    """Swap the selected layers of ``model`` for quantized layers, in place, and report what happened.
+
+    Layers that are already quantized are kept as they are (so a second call, or a second ``fit``, is
+    harmless). Layers with parameters that cannot be quantized stay in float and are named in
+    ``report.warnings``. A name glob (``include``, ``exclude``, an override's ``pattern``, ``quantize_outputs``,
+    ``quantize_inputs``) that matches no module raises :class:`LayerSelectionError`. Example::
+
+        report = quantize_model(net, QuantizerConfig(method="lsq", bits=4), QuantizerConfig(method="lsq", bits=4))
+        print(report.table())
+    """
+    layers = layers or LayerSelection()
+    report = QuantizationReport()
+    choices = select_layers(model, weights, activations, layers, report)
+    fold = _fold_pairs(model) if layers.fold_bn else {}
+    for choice in choices:
+        if choice.kept is not None:
+            report.layers.append(choice.kept)
             continue
-        edge = "first_layer" if index == 0 else "last_layer" if index == len(candidates) - 1 else ""
-        if edge:
-            rule = getattr(layers, edge)
-            if rule == "float":
-                report.layers.append(LayerReport(name, type(module).__name__, "float", reason=f"layers.{edge}=float"))
-                continue
-            wcfg = _edge_config(rule, wcfg) if wcfg else None
-            acfg = _edge_config(rule, acfg) if acfg else None
-            reason = f"layers.{edge}={rule}" if rule != "same" else ""
-        skipped = False
-        for ov in layers.overrides:
-            if fnmatch.fnmatchcase(name, ov.pattern):
-                skipped = skipped or ov.skip
-                if ov.weight_bits is not None and wcfg is not None:
-                    wcfg = replace(wcfg, bits=ov.weight_bits)
-                if ov.activation_bits is not None and acfg is not None:
-                    acfg = replace(acfg, bits=ov.activation_bits)
-                reason = f"override {ov.pattern!r}"
-        if skipped:
-            report.layers.append(LayerReport(name, type(module).__name__, "float", reason=reason))
-            continue
-        output = acfg is not None and matches(name, layers.quantize_outputs)
-        _convert(module, wcfg, acfg, fold.get(module), output)
-        row = _existing_row(name, module)  # type: ignore[arg-type]
-        notes = (reason, "BN folded" if module in fold else "", "output quantized" if output else "")
+        module, acfg = choice.module, choice.activations
+        output = acfg is not None and matches(choice.name, layers.quantize_outputs)
+        _convert(module, choice.weights, acfg, fold.get(module), output)
+        row = _existing_row(choice.name, module)  # type: ignore[arg-type]
+        notes = (choice.reason, "BN folded" if module in fold else "", "output quantized" if output else "")
         row.reason = ", ".join(x for x in notes if x)
         report.layers.append(row)
     if activations.enabled:

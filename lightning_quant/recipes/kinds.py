@@ -177,7 +177,8 @@ def _inq(recipe: Recipe, where: Where) -> None:
     for edge in ("first_layer", "last_layer"):
         rule = getattr(lay, edge)
         check(rule != "8bit", where, f"layers.{edge}", rule, "kind: inq quantizes at weights.bits: use same or float")
-    unused = {"overrides": [], "fold_bn": False, "quantize_outputs": [], "quantize_inputs": []}
+    _inq_overrides(recipe, where)
+    unused = {"fold_bn": False, "quantize_outputs": [], "quantize_inputs": []}
     for key, empty in unused.items():
         value = getattr(lay, key)
         check(value == empty, where, f"layers.{key}", value, f"kind: inq does not use it ({why} ignores it)")
@@ -189,6 +190,21 @@ def _inq(recipe: Recipe, where: Where) -> None:
     else:
         need = 2 if levels == "ternary" else 1
         check(bits == need, where, "weights.bits", bits, f"inq.levels={levels} means weights.bits={need}")
+
+
+def _inq_overrides(recipe: Recipe, where: Where) -> None:
+    """INQ honours an override's ``skip`` and, on power-of-two levels, its ``weight_bits``; nothing else."""
+    levels = recipe.inq.levels
+    for i, ov in enumerate(recipe.layers.overrides):
+        key, value = f"layers.overrides[{i}]", ov.activation_bits
+        check(value is None, where, f"{key}.activation_bits", value, "kind: inq leaves activations float")
+        ok = ov.weight_bits is None or (levels == "pow2" and 2 <= ov.weight_bits <= 8)
+        allowed = (
+            "power-of-two levels (INQ) need 2 to 8 bits"
+            if levels == "pow2"
+            else f"inq.levels={levels} has a fixed number of bits (weights.bits={recipe.weights.bits}); use skip"
+        )
+        check(ok, where, f"{key}.weight_bits", ov.weight_bits, allowed)
 
 
 def kind_note(recipe: Recipe, where: Where, err: RecipeError) -> RecipeError:
