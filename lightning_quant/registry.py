@@ -60,15 +60,15 @@ class Method(Generic[H]):
     options: type  # the options dataclass (NoOptions when the method has none)
     file: str  # source file of ``handler``: recipe -> method name -> this file
 
-    def keys(self) -> list[str]:
+    def option_names(self) -> list[str]:
         """The option keys this method takes."""
         return option_keys(self.options)
 
     def make_options(self, base: Any = None, **values: Any) -> Any:
         """An options instance: ``base`` (or the defaults) with ``values`` replaced; unknown keys raise TypeError."""
-        unknown = sorted(set(values) - set(self.keys()))
+        unknown = sorted(set(values) - set(self.option_names()))
         if unknown:
-            takes = ", ".join(self.keys()) or "no options of its own"
+            takes = ", ".join(self.option_names()) or "no options of its own"
             raise TypeError(f"{unknown[0]} does not apply to {self.name}; {self.name} takes: {takes}")
         if base is None:
             return self.options(**values)

@@ -193,14 +193,15 @@ def gptq_unit(
     errors: dict[str, float] = {}
     for (layer, q), hessian in zip(targets, hessians):
         opts: GPTQOptions = cfg.options
-        codes, err = gptq_quantize(layer.weight_to_quantize(), hessian, q, opts.gptq_block_size, opts.damp, opts.act_order)
+        weight = layer.weight_to_quantize()
+        codes, err = gptq_quantize(weight, hessian, q, opts.gptq_block_size, opts.damp, opts.act_order)
         q.set_codes(codes)  # type: ignore[union-attr]
         errors[names.get(id(layer), "?")] = err
     return errors
 
 
 def transformer_units(model: nn.Module, cfg: PTQConfig) -> list[Unit]:
-    """Blocks for LLM methods: the children of the options' ``blocks`` (a module name) if set, else found on the tree."""
+    """Blocks for LLM methods: the children of the options' ``blocks`` (a module name) if set, else found."""
     blocks = cfg.options.blocks if isinstance(cfg.options, BlockOptions) else None
     if blocks is None:
         return find_units(model, blocks=True)

@@ -157,28 +157,33 @@ def _method_section(tp: type, value: dict[str, Any], path: str, where: Where, de
     for key, item in value.items():
         if key in common:
             changes[key] = to_typed(types[key], item, join(path, key), where, getattr(base, key))
-        elif key in method.keys():
+        elif key in method.option_names():
             option_values[key] = item
         else:
-            raise _not_of_method(key, item, path, selector, name, method.keys(), common, where)
+            raise _not_of_method(key, item, path, selector, name, registry, common, where)
     start = base.options if name == base_name else method.options()
     options = to_typed(method.options, option_values, path, where, start)
     return dataclasses.replace(base, **changes, options=options)
 
 
 def _not_of_method(
-    key: str, value: Any, path: str, selector: str, name: str, takes: list[str], common: list[str], where: Where
+    key: str, value: Any, path: str, selector: str, name: str, registry: Registry[Any], common: list[str], where: Where
 ) -> RecipeError:
-    """The error for a key that is neither common to the section nor an option of its selected method."""
+    """The error for a key that is neither common to the section nor an option of its selected method ``name``."""
     key_path, method_path = join(path, key), join(path, selector)
+    takes = registry[name].option_names()
     close = difflib.get_close_matches(key, [*common, *takes], n=1)
     hint = f"did you mean {join(path, close[0])}? " if close else ""
+    owners = [other for other in registry.names() if key in registry[other].option_names()]
+    if not owners:
+        allowed = ", ".join([*common, *takes])
+        return RecipeError(f"{where(key_path)}: {key_path} is not a recipe key; {hint}{path} takes: {allowed}")
     origin = where(method_path)
-    note = "" if where(key_path) == origin else f" ({selector} set in {origin})"
+    note = "" if where(key_path) == origin else f" (set in {origin})"
     options = ", ".join(takes) if takes else "no options of its own"
     return RecipeError(
-        f"{where(key_path)}: {key_path}={short_repr(value)} does not apply to {method_path}={name!r}{note}; "
-        f"{hint}{name} takes: {options}; every {path} takes: {', '.join(common)}"
+        f"{where(key_path)}: {key_path}={short_repr(value)} does not apply to {method_path}={name!r}{note}, only to "
+        f"{', '.join(owners)}; {name} takes: {options}; every {path} section takes: {', '.join(common)}"
     )
 
 

@@ -171,7 +171,8 @@ def _inq(recipe: Recipe, where: Where) -> None:
     w, default = recipe.weights, flat_fields(default_weights())
     for key, value in flat_fields(w).items():
         if key != "bits" and (key not in default or value != default[key]):
-            raise refuse(where, f"weights.{key}", value, f"kind: inq uses only weights.bits ({why} ignores the other keys)")
+            allowed = f"kind: inq uses only weights.bits ({why} ignores the other keys)"
+            raise refuse(where, f"weights.{key}", value, allowed)
     lay = recipe.layers
     for edge in ("first_layer", "last_layer"):
         rule = getattr(lay, edge)
