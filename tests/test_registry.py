@@ -185,7 +185,7 @@ def test_a_quantizer_and_an_algorithm_registered_in_a_test_module_run_from_a_rec
     net(torch.randn(2, 8))
     q = net[0].weight_quantizer
     assert isinstance(q, new_methods)
-    assert float(q.scale) == pytest.approx(float(net[0].weight.abs().max()) * 0.5 / 7)
+    assert float(q.scale) == pytest.approx(float(net[0].weight.detach().abs().max()) * 0.5 / 7)
     with pytest.raises(RecipeError, match=r"<dict>: weights\.shrink=2\.0 is not allowed; allowed: 0 < shrink"):
         load_recipe({"description": "x", "weights": {"method": "test_halfstep", "shrink": 2.0}})
     with pytest.raises(RecipeError, match=r"weights\.learn_offset=True does not apply to weights\.method='test_half"):
