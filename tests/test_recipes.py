@@ -236,7 +236,8 @@ def test_malformed_recipes_name_file_and_key_path(tmp_path, text, match):
     ],
 )
 def test_ptq_numbers_are_range_checked(tmp_path, key, value):
-    path = _bad(tmp_path, f"base: normtweak_w4g128\ndescription: x\nptq:\n  {key}: {value}\n")
+    base = "adaround_w4a8" if key in ("reg_weight", "iters", "beta_end") else "normtweak_w4g128"  # whose key it is
+    path = _bad(tmp_path, f"base: {base}\ndescription: x\nptq:\n  {key}: {value}\n")
     with pytest.raises(RecipeError, match=rf"bad\.yaml: ptq\.{key}=.* is not allowed"):
         load_recipe(path)
 
