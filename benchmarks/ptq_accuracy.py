@@ -66,7 +66,8 @@ def main() -> None:
             for method in args.methods:
                 recipe, extra = METHODS[method]
                 overrides = [*extra, f"weights.bits={w}", f"activations.bits={a}", "diagnostics.summary=false"]
-                cb = PostTrainingQuantization(recipe, overrides, iters=args.iters, seed=seed, compare_float=True)
+                iters = None if method == "Bit-Split" else args.iters  # Bit-Split runs ptq.sweeps, not iterations
+                cb = PostTrainingQuantization(recipe, overrides, iters=iters, seed=seed, compare_float=True)
                 model = copy.deepcopy(base)
                 start = time.perf_counter()
                 result = quiet_trainer([cb]).test(model, datamodule=dm, verbose=False)[0]

@@ -189,7 +189,7 @@ def test_llama_style_decoder_blocks_are_found_and_quantized(tmp_path):
     cb.prepare(model)
     units = transformer_units(model, PTQConfig())
     assert [u.name for u in units][:3] == ["model.model.layers.0", "model.model.layers.1", "model.model.layers.2"]
-    named = transformer_units(model, PTQConfig(blocks="model.model.layers"))
+    named = transformer_units(model, PTQConfig(algorithm="gptq", blocks="model.model.layers"))
     assert [u.name for u in named] == [u.name for u in units]
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     inputs = _token_batches(2, seed=2)

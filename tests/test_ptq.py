@@ -165,7 +165,7 @@ def test_adaround_hardens_to_binary_rounding_and_beats_nearest():
             seen_h.append(q.rounding.h().detach().clone())
 
     # a shorter schedule than the paper's 10k iterations, so a stronger regulariser and step size
-    cfg = PTQConfig(iters=3000, batch_size=64, warmup=0.2, weight_lr=1e-2, reg_weight=0.1)
+    cfg = PTQConfig(algorithm="adaround", iters=3000, batch_size=64, warmup=0.2, weight_lr=1e-2, reg_weight=0.1)
     reconstruct(
         layer,
         list(x.split(64)),
@@ -219,7 +219,7 @@ def test_qdrop_drop_is_on_only_while_reconstructing():
         net,
         batches,
         lambda b: net(b),
-        PTQConfig(iters=20, drop_prob=0.5),
+        PTQConfig(algorithm="qdrop", iters=20, drop_prob=0.5),
         stage="joint",
         blocks=True,
         learn_weights=True,

@@ -164,11 +164,14 @@ def test_dsq_forward_is_hard_and_alpha_learns():
     assert q.upper.grad is not None
 
 
-@pytest.mark.parametrize("method", sorted(m for m, c in QUANTIZERS.items() if not issubclass(c, BinaryQuantizer)))
+MULTI_BIT = sorted(m for m in QUANTIZERS.names() if not issubclass(QUANTIZERS[m].handler, BinaryQuantizer))
+
+
+@pytest.mark.parametrize("method", MULTI_BIT)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_every_quantizer_levels_and_gradients(method, bits):
     """Every multi-bit quantizer (binary ones have their own tests in test_binary.py)."""
-    qcls = QUANTIZERS[method]
+    qcls = QUANTIZERS[method].handler
     role = "weight" if "weight" in qcls.roles else "activation"
     q = build_quantizer(QuantizerConfig(method=method, bits=bits), role)
     x = torch.randn(8, 16, requires_grad=True)

@@ -215,8 +215,8 @@ def _run(recipe):
     else:
         try:
             quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
-        except ValueError as err:  # the model's shape, not the recipe: a group size that does not divide a row
-            if "multiple of group_size" not in str(err):
+        except ValueError as err:  # the model, not the recipe: a group size that does not divide a row, or a glob
+            if "multiple of group_size" not in str(err) and "matches no module" not in str(err):  # naming no module
                 raise
             COUNTS["model_mismatch"] += 1
             return

@@ -236,7 +236,8 @@ def test_malformed_recipes_name_file_and_key_path(tmp_path, text, match):
     ],
 )
 def test_ptq_numbers_are_range_checked(tmp_path, key, value):
-    path = _bad(tmp_path, f"base: normtweak_w4g128\ndescription: x\nptq:\n  {key}: {value}\n")
+    base = "adaround_w4a8" if key in ("reg_weight", "iters", "beta_end") else "normtweak_w4g128"  # whose key it is
+    path = _bad(tmp_path, f"base: {base}\ndescription: x\nptq:\n  {key}: {value}\n")
     with pytest.raises(RecipeError, match=rf"bad\.yaml: ptq\.{key}=.* is not allowed"):
         load_recipe(path)
 
@@ -305,7 +306,7 @@ def test_override_strings_reach_list_items_and_one_string_is_one_override():
     r = load_recipe(data, ["layers.overrides.0.skip=true", "layers.overrides[1].weight_bits=3"])
     assert r.layers.overrides[0].skip and r.layers.overrides[1].weight_bits == 3
     assert load_recipe("lsq_w4a4", "weights.bits=3").weights.bits == 3
-    assert load_recipe("normtweak_w4g128", ["ptq.norm_lr=1e-3", "weights.bits=3"]).ptq.norm_lr == 1e-3
+    assert load_recipe("normtweak_w4g128", ["ptq.norm_lr=1e-3", "weights.bits=3"]).ptq.options.norm_lr == 1e-3
     assert QuantizationAwareTraining("lsq_w4a4", overrides="weights.bits=3").recipe.weights.bits == 3
     assert PostTrainingQuantization("minmax_w8a8", overrides="weights.bits=6").recipe.weights.bits == 6
     assert IncrementalQuantization("inq_5bit", overrides="weights.bits=4").recipe.weights.bits == 4

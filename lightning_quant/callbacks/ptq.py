@@ -25,7 +25,7 @@ from lightning_quant.callbacks.base import (
 )
 from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
 from lightning_quant.nn import QuantizationReport
-from lightning_quant.ptq import ALGORITHMS, Step, calibrate, finalize, set_quant_state
+from lightning_quant.ptq import ALGORITHMS, BlockOptions, Step, calibrate, finalize, set_quant_state
 from lightning_quant.ptq.normtweak import find_causal_lm, generate_calibration_data
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.recipes import Recipe, override_list
@@ -117,7 +117,7 @@ class PostTrainingQuantization(RecipeCallback):
         if algorithm == "none":
             return
         acts = self.recipe.activations
-        act_label = (acts.observer if acts.method == "observer" else acts.method) if acts.enabled else ""
+        act_label = (acts.options.observer if acts.method == "observer" else acts.method) if acts.enabled else ""
         for row in report.quantized:
             if row.weight_bits is not None:
                 row.method = f"{algorithm}/{act_label}" if act_label and row.activation_bits is not None else algorithm
@@ -140,7 +140,8 @@ class PostTrainingQuantization(RecipeCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module)
-        blocks = self.recipe.ptq.blocks
+        options = self.recipe.ptq.options
+        blocks = options.blocks if isinstance(options, BlockOptions) else None
         if blocks is not None:
             try:
                 pl_module.get_submodule(blocks)
@@ -280,7 +281,7 @@ class PostTrainingQuantization(RecipeCallback):
                     bar.n = step.iteration
                     bar.set_postfix(loss=f"{step.loss:.4g}", refresh=True)
 
-                self.curves = ALGORITHMS[ptq.algorithm](pl_module, batches, run_batch, ptq, progress)
+                self.curves = ALGORITHMS[ptq.algorithm].handler(pl_module, batches, run_batch, ptq, progress)
                 bar.close()
             if trainer.world_size > 1:
                 self._broadcast_state(trainer, pl_module)

@@ -30,7 +30,7 @@ from lightning_quant.deploy import ExportError, export, format_for
 from lightning_quant.examples import DigitsDataModule, ImageClassifier
 from lightning_quant.nn import summarize
 from lightning_quant.nn.surgery import format_table
-from lightning_quant.recipes import Recipe, RecipeError, describe_recipes, load_recipe
+from lightning_quant.recipes import Recipe, RecipeError, describe_recipes, load_recipe, recipe_methods
 from lightning_quant.recipes.safe_yaml import parse_yaml
 
 _LOGGERS = ("csv", "tensorboard", "wandb")
@@ -196,8 +196,14 @@ def _print_result(r: dict[str, Any], recipe: Recipe) -> None:
 
 
 def _print_recipes(args: argparse.Namespace) -> None:
-    rows = [(name, desc) for name, desc in describe_recipes().items()]
-    print(format_table(("recipe", "description"), rows))
+    if args.name is None:
+        rows = [(name, desc) for name, desc in describe_recipes().items()]
+        print(format_table(("recipe", "description"), rows))
+        return
+    recipe = load_recipe(args.name)  # one recipe: its methods, the files that implement them, its resolved YAML
+    print(f"{recipe.name}: {recipe.description}\n")
+    print(format_table(("key", "method", "file"), recipe_methods(recipe)))
+    print(f"\n{recipe.to_yaml()}", end="")
 
 
 def _read_stored(args: argparse.Namespace, stored: str) -> Any:
@@ -319,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--input-shape", type=int, nargs="+", help="example input shape (default: example_input_array)")
     exp.set_defaults(func=run_export)
     rec = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+    rec.add_argument("name", nargs="?", help="a recipe: show its methods, their source files and its resolved YAML")
     rec.set_defaults(func=_print_recipes)
     return parser
 

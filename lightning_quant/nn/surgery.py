@@ -305,7 +305,8 @@ def _convert(
         aq = None
         if acfg is not None and qcls.has_input:
             channels = getattr(module, "in_channels", getattr(module, "in_features", 1))
-            groups = channels if QUANTIZERS[acfg.method].per_input_channel else 1  # e.g. ReActNet's RSign shifts
+            per_channel = QUANTIZERS[acfg.method].handler.per_input_channel  # e.g. ReActNet's RSign shifts
+            groups = channels if per_channel else 1
             aq = build_quantizer(acfg, "activation", groups).to(weight.device)
         oq = build_quantizer(acfg, "activation", 1).to(weight.device) if output and acfg is not None else None
     except Exception:

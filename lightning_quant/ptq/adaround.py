@@ -8,11 +8,12 @@ from typing import Any, Optional
 from torch import nn
 
 from lightning_quant.ptq.capture import RunBatch
-from lightning_quant.ptq.reconstruction import Progress, PTQConfig, reconstruct
+from lightning_quant.ptq.reconstruction import Progress, ReconstructionOptions, reconstruct
 from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.settings import PTQConfig
 
 
-@register_algorithm("adaround")
+@register_algorithm("adaround", options=ReconstructionOptions)
 def adaround(
     model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
 ) -> dict[str, list[float]]:

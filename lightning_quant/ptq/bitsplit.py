@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -22,10 +23,12 @@ from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer, is_linear
 from lightning_quant.ptq.capture import RunBatch, capture
-from lightning_quant.ptq.reconstruction import Progress, PTQConfig, Step, eval_then_quantized, set_quant_state
+from lightning_quant.ptq.reconstruction import Progress, Step, eval_then_quantized, set_quant_state
 from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.settings import PTQConfig
 from lightning_quant.ptq.units import find_units
 from lightning_quant.quantizers import ObserverQuantizer
+from lightning_quant.registry import OptionError
 
 MAX_ROWS = 15000  # sampled input rows (patches) per layer, as in the paper's code
 
@@ -108,7 +111,18 @@ def bit_split_layer(
     return alpha.float().clamp_min(1e-12), codes.float()
 
 
-@register_algorithm("bitsplit")
+@dataclass
+class BitSplitOptions:
+    """Bit-Split's keys of the ``ptq`` section."""
+
+    sweeps: int = 3  # alternating-optimisation rounds per layer
+
+    def check(self) -> None:
+        if not self.sweeps >= 1:
+            raise OptionError("sweeps", self.sweeps, "must be >= 1")
+
+
+@register_algorithm("bitsplit", options=BitSplitOptions)
 def bitsplit(
     model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
 ) -> dict[str, list[float]]:
@@ -148,7 +162,7 @@ def bitsplit(
                 w = layer.weight_to_quantize().detach()
                 w2 = w.reshape(w.shape[0], -1)
                 target = rows_fp @ w2.T
-                alpha, codes = bit_split_layer(w2, q.scale, q.bits, rows_q, target, cfg.sweeps)
+                alpha, codes = bit_split_layer(w2, q.scale, q.bits, rows_q, target, cfg.options.sweeps)
                 before = float((target - rows_q @ (q(w).reshape_as(w2)).T).pow(2).mean())
                 q.scale.copy_(alpha)
                 q.zero_point.zero_()

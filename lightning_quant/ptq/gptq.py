@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,11 +24,13 @@ from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
 from lightning_quant.ptq.capture import Call, RunBatch, _stop_hook, record_calls, run_until_stop
-from lightning_quant.ptq.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
+from lightning_quant.ptq.reconstruction import Progress, Step, eval_then_quantized
 from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.settings import BlockOptions, PTQConfig
 from lightning_quant.ptq.units import Unit, find_units
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.quantizers.functional import qparams_from_range
+from lightning_quant.registry import OptionError
 
 
 class HessianAccumulator:
@@ -139,6 +142,22 @@ def _supported(layer: QuantizedLayer, name: str) -> Optional[ObserverQuantizer]:
     return q
 
 
+@dataclass
+class GPTQOptions(BlockOptions):
+    """GPTQ's keys of the ``ptq`` section (and ``blocks``: the module whose children are the blocks)."""
+
+    gptq_block_size: int = 128  # columns per lazy batch update
+    damp: float = 0.01  # dampening, fraction of the Hessian's mean diagonal added to it
+    act_order: bool = False  # quantize columns by decreasing Hessian diagonal
+
+    def check(self) -> None:
+        super().check()
+        if not self.gptq_block_size >= 1:
+            raise OptionError("gptq_block_size", self.gptq_block_size, "must be >= 1")
+        if not self.damp >= 0:
+            raise OptionError("damp", self.damp, "must be >= 0")
+
+
 def gptq_unit(
     model: nn.Module,
     unit: Unit,
@@ -173,28 +192,31 @@ def gptq_unit(
             q.fake_quant_enabled = True
     errors: dict[str, float] = {}
     for (layer, q), hessian in zip(targets, hessians):
-        codes, err = gptq_quantize(layer.weight_to_quantize(), hessian, q, cfg.gptq_block_size, cfg.damp, cfg.act_order)
+        opts: GPTQOptions = cfg.options
+        weight = layer.weight_to_quantize()
+        codes, err = gptq_quantize(weight, hessian, q, opts.gptq_block_size, opts.damp, opts.act_order)
         q.set_codes(codes)  # type: ignore[union-attr]
         errors[names.get(id(layer), "?")] = err
     return errors
 
 
 def transformer_units(model: nn.Module, cfg: PTQConfig) -> list[Unit]:
-    """Blocks for LLM methods: the elements of ``cfg.blocks`` (a module name) if set, else found on the tree."""
-    if cfg.blocks is None:
+    """Blocks for LLM methods: the children of the options' ``blocks`` (a module name) if set, else found."""
+    blocks = cfg.options.blocks if isinstance(cfg.options, BlockOptions) else None
+    if blocks is None:
         return find_units(model, blocks=True)
     try:
-        holder = model.get_submodule(cfg.blocks)
+        holder = model.get_submodule(blocks)
     except AttributeError as err:
-        raise ValueError(f"ptq.blocks={cfg.blocks!r}: the model has no such module") from err
+        raise ValueError(f"ptq.blocks={blocks!r}: the model has no such module") from err
     inside = {id(m) for m in holder.modules()}
-    units = [Unit(f"{cfg.blocks}.{name}", [child]) for name, child in holder.named_children()]
+    units = [Unit(f"{blocks}.{name}", [child]) for name, child in holder.named_children()]
     units += [u for u in find_units(model, blocks=False) if id(u.modules[0]) not in inside]
     order = {id(m): i for i, m in enumerate(model.modules())}
     return sorted(units, key=lambda u: order[id(u.modules[0])])
 
 
-@register_algorithm("gptq")
+@register_algorithm("gptq", options=GPTQOptions)
 def gptq(
     model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
 ) -> dict[str, list[float]]:

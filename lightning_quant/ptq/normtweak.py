@@ -14,6 +14,7 @@ a causal language model; encoders are calibrated on real text instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -21,10 +22,12 @@ from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer
 from lightning_quant.ptq.capture import Call, RunBatch, first_tensor
-from lightning_quant.ptq.gptq import gptq_unit, transformer_units
-from lightning_quant.ptq.reconstruction import Progress, PTQConfig, Step, eval_then_quantized
+from lightning_quant.ptq.gptq import GPTQOptions, gptq_unit, transformer_units
+from lightning_quant.ptq.reconstruction import Progress, Step, eval_then_quantized
 from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.settings import PTQConfig
 from lightning_quant.ptq.units import Unit
+from lightning_quant.registry import OptionError
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -135,7 +138,25 @@ def tweak_block(block: nn.Module, unit: Unit, calls: list[Call], lr: float, epoc
     return losses
 
 
-@register_algorithm("normtweak")
+@dataclass
+class NormTweakOptions(GPTQOptions):
+    """Norm Tweaking's keys of the ``ptq`` section: GPTQ's (it runs GPTQ first), plus the norm tuning."""
+
+    norm_lr: float = 1e-5  # Adam learning rate of the first block ...
+    norm_lr_slope: float = 1.0  # ... growing as lr * (1 + slope * block / blocks)
+    norm_epochs: int = 1  # passes over the calibration batches per block
+
+    def check(self) -> None:
+        super().check()
+        if not self.norm_lr > 0:
+            raise OptionError("norm_lr", self.norm_lr, "must be positive")
+        if not self.norm_lr_slope >= 0:
+            raise OptionError("norm_lr_slope", self.norm_lr_slope, "must be >= 0")
+        if not self.norm_epochs >= 0:
+            raise OptionError("norm_epochs", self.norm_epochs, "must be >= 0")
+
+
+@register_algorithm("normtweak", options=NormTweakOptions)
 def normtweak(
     model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
 ) -> dict[str, list[float]]:
@@ -153,8 +174,9 @@ def normtweak(
             level = depth.get(id(unit.modules[0]))
             loss = sum(errors.values())
             if level is not None and len(calls) == len(batches):
-                lr = cfg.norm_lr * (1 + cfg.norm_lr_slope * level / len(tweakable))
-                curves[unit.name] = tweak_block(unit.modules[0], unit, calls, lr, cfg.norm_epochs)
+                opts: NormTweakOptions = cfg.options
+                lr = opts.norm_lr * (1 + opts.norm_lr_slope * level / len(tweakable))
+                curves[unit.name] = tweak_block(unit.modules[0], unit, calls, lr, opts.norm_epochs)
                 loss = curves[unit.name][-1] if curves[unit.name] else loss
             if progress is not None:
                 progress(Step("normtweak", unit.name, index, len(units), 1, 1, loss))

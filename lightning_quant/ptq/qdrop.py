@@ -4,16 +4,31 @@ activation quantization is randomly dropped."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from torch import nn
 
 from lightning_quant.ptq.capture import RunBatch
-from lightning_quant.ptq.reconstruction import Progress, PTQConfig, reconstruct
+from lightning_quant.ptq.reconstruction import ActivationStepOptions, Progress, reconstruct
 from lightning_quant.ptq.registry import register_algorithm
+from lightning_quant.ptq.settings import PTQConfig
+from lightning_quant.registry import OptionError
 
 
-@register_algorithm("qdrop")
+@dataclass
+class QDropOptions(ActivationStepOptions):
+    """QDrop's keys of the ``ptq`` section: AdaRound's and the activation step's, plus the drop probability."""
+
+    drop_prob: float = 0.5  # probability that an activation element stays in float
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.drop_prob < 1:
+            raise OptionError("drop_prob", self.drop_prob, "allowed: 0 <= drop_prob < 1")
+
+
+@register_algorithm("qdrop", options=QDropOptions)
 def qdrop(
     model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
 ) -> dict[str, list[float]]:
@@ -30,6 +45,6 @@ def qdrop(
         learn_weights=True,
         learn_activations=True,
         activations_on=True,
-        drop_prob=cfg.drop_prob,
+        drop_prob=cfg.options.drop_prob,
         progress=progress,
     )

@@ -18,40 +18,46 @@ import torch
 from torch import nn
 
 from lightning_quant.ptq.capture import RunBatch, UnitSignatureError, capture
+from lightning_quant.ptq.settings import PTQConfig
 from lightning_quant.ptq.units import Unit, find_units
 from lightning_quant.quantizers import ObserverQuantizer, Quantizer
 from lightning_quant.quantizers.adaround import AdaRound
+from lightning_quant.registry import OptionError
 
 
 @dataclass
-class PTQConfig:
-    """Post-training settings (the ``ptq`` recipe section). Iteration counts default to the papers'."""
+class ReconstructionOptions:
+    """AdaRound's keys of the ``ptq`` section, shared by BRECQ and QDrop. Iteration counts default to the papers'."""
 
-    algorithm: str = "none"  # none (calibration only / RTN), adaround, brecq, qdrop, bitsplit, gptq, normtweak
-    num_samples: int = 1024  # calibration samples drawn from the calibration dataloader
-    dataloader: str = "train"  # train or val (the datamodule's), generated (by the model itself), or auto
-    generate_length: int = 128  # generated calibration data: tokens per sample ...
-    generate_greedy: int = 4  # ... of which the first ones after the random first token are greedy
-    seed: int = 0  # fixes which samples are drawn and the reconstruction's randomness
     iters: int = 20000  # reconstruction iterations per unit (lower it for quick runs)
-    act_iters: Optional[int] = None  # BRECQ's activation-step stage; None: iters // 4 (20k -> 5k)
-    batch_size: int = 32  # reconstruction minibatch
     weight_lr: float = 1e-3  # Adam, AdaRound's rounding variables
-    act_lr: float = 4e-5  # Adam with cosine decay, activation steps (BRECQ 4e-4, QDrop 4e-5)
     reg_weight: float = 0.01  # lambda of the rounding regulariser
     warmup: float = 0.2  # fraction of iterations without the regulariser
     beta_start: float = 20.0  # regulariser exponent, annealed linearly after warm-up ...
     beta_end: float = 2.0  # ... down to this
-    drop_prob: float = 0.5  # QDrop: probability that an activation element stays in float
-    sweeps: int = 3  # Bit-Split: alternating-optimisation rounds per layer
-    cache_limit_mb: float = 1024  # above this, a unit's cached activations are memory-mapped from disk
-    blocks: Optional[str] = None  # GPTQ/Norm Tweaking: module whose children are the blocks; None: found
-    gptq_block_size: int = 128  # GPTQ: columns per lazy batch update
-    damp: float = 0.01  # GPTQ: dampening, fraction of the Hessian's mean diagonal added to it
-    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
-    norm_lr: float = 1e-5  # Norm Tweaking: Adam learning rate of the first block ...
-    norm_lr_slope: float = 1.0  # ... growing as lr * (1 + slope * block / blocks)
-    norm_epochs: int = 1  # Norm Tweaking: passes over the calibration batches per block
+
+    def check(self) -> None:
+        if not self.iters >= 0:
+            raise OptionError("iters", self.iters, "must be >= 0")
+        for key in ("weight_lr", "beta_start", "beta_end"):
+            if not getattr(self, key) > 0:
+                raise OptionError(key, getattr(self, key), "must be positive")
+        if not self.reg_weight >= 0:
+            raise OptionError("reg_weight", self.reg_weight, "must be >= 0")
+        if not 0 <= self.warmup < 1:
+            raise OptionError("warmup", self.warmup, "allowed: 0 <= warmup < 1")
+
+
+@dataclass
+class ActivationStepOptions(ReconstructionOptions):
+    """Reconstruction that also learns the activation steps (BRECQ's second stage, QDrop)."""
+
+    act_lr: float = 4e-5  # Adam with cosine decay, activation steps (BRECQ 4e-4, QDrop 4e-5)
+
+    def check(self) -> None:
+        super().check()
+        if not self.act_lr > 0:
+            raise OptionError("act_lr", self.act_lr, "must be positive")
 
 
 @dataclass
@@ -123,7 +129,7 @@ def finalize(model: nn.Module) -> None:
             q.finalize_calibration()
 
 
-def _beta(cfg: PTQConfig, it: int, iters: int) -> Optional[float]:
+def _beta(cfg: ReconstructionOptions, it: int, iters: int) -> Optional[float]:
     """Regulariser exponent at iteration ``it``; None during warm-up (regulariser off)."""
     start = cfg.warmup * iters
     if it < start:
@@ -172,7 +178,12 @@ def reconstruct(
     ``drop_prob`` > 0 (QDrop): each activation element of the unit input and of its quantizers stays
     float with this probability while the unit trains; the target is always the float output.
     """
-    iters = cfg.iters if iters is None else iters
+    opts: ReconstructionOptions = cfg.options
+    iters = opts.iters if iters is None else iters
+    if act_lr is None and isinstance(opts, ActivationStepOptions):
+        act_lr = opts.act_lr
+    if learn_activations and act_lr is None:
+        raise ValueError(f"ptq.algorithm={cfg.algorithm!r}: learning activation steps needs act_lr")
     generator = torch.Generator().manual_seed(cfg.seed)
     curves: dict[str, list[float]] = {}
     pending = find_units(model, blocks)
@@ -194,7 +205,7 @@ def reconstruct(
                     learn_activations=learn_activations,
                     activations_on=activations_on,
                     drop_prob=drop_prob,
-                    act_lr=cfg.act_lr if act_lr is None else act_lr,
+                    act_lr=0.0 if act_lr is None else act_lr,
                     iters=iters,
                     generator=generator,
                     progress=progress,
@@ -251,7 +262,7 @@ def _reconstruct_unit(
     optimizers: list[torch.optim.Optimizer] = []
     scheduler = None
     if params_w:
-        optimizers.append(torch.optim.Adam(params_w, lr=cfg.weight_lr))
+        optimizers.append(torch.optim.Adam(params_w, lr=cfg.options.weight_lr))
     if params_a:
         opt_a = torch.optim.Adam(params_a, lr=act_lr)
         optimizers.append(opt_a)
@@ -269,9 +280,9 @@ def _reconstruct_unit(
                 x = torch.where(keep_float.to(x.device), fp_in[idx].to(x.device), x)
             target = fp_out[idx].to(x.device)
             loss = _loss(unit(x), target)
-            beta = _beta(cfg, it, iters)
+            beta = _beta(cfg.options, it, iters)
             if beta is not None and rounding:
-                loss = loss + cfg.reg_weight * sum(ada.regularizer(beta) for _, ada in rounding)
+                loss = loss + cfg.options.reg_weight * sum(ada.regularizer(beta) for _, ada in rounding)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()

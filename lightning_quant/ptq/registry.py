@@ -1,7 +1,8 @@
 """Name -> post-training algorithm. An algorithm reconstructs a calibrated model in place.
 
-Signature: ``fn(model, batches, run_batch, cfg, progress) -> {unit name: loss curve}``. A new method is
-one file that registers itself here, plus one recipe.
+Signature: ``fn(model, batches, run_batch, ptq, progress) -> {unit name: loss curve}``; it reads its own
+settings as ``ptq.options``. A new method is one file in this package that registers itself here (found on
+the first lookup, see :class:`~lightning_quant.registry.Registry`), plus one recipe.
 """
 
 from __future__ import annotations
@@ -12,25 +13,22 @@ from typing import Any, Optional
 from torch import nn
 
 from lightning_quant.ptq.capture import RunBatch
-from lightning_quant.ptq.reconstruction import Progress, PTQConfig
+from lightning_quant.ptq.reconstruction import Progress
+from lightning_quant.ptq.settings import PTQConfig
+from lightning_quant.registry import Registry
 
 Algorithm = Callable[[nn.Module, Sequence[Any], RunBatch, PTQConfig, Optional[Progress]], dict[str, list[float]]]
-ALGORITHMS: dict[str, Algorithm] = {}
+ALGORITHMS: Registry[Algorithm] = Registry("post-training algorithm", "lightning_quant.ptq")
 
 
-def register_algorithm(name: str) -> Callable[[Algorithm], Algorithm]:
-    """Function decorator: make a reconstruction algorithm selectable as ``ptq.algorithm: name``."""
-
-    def wrap(fn: Algorithm) -> Algorithm:
-        ALGORITHMS[name] = fn
-        return fn
-
-    return wrap
+def register_algorithm(name: str, options: Optional[type] = None) -> Callable[[Algorithm], Algorithm]:
+    """Function decorator: make an algorithm selectable as ``ptq.algorithm: name``, with its options dataclass."""
+    return ALGORITHMS.register(name, options)
 
 
 @register_algorithm("none")
 def calibration_only(
-    model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, progress: Optional[Progress]
+    model: nn.Module, batches: Sequence[Any], run_batch: RunBatch, ptq: PTQConfig, progress: Optional[Progress]
 ) -> dict[str, list[float]]:
     """Calibration alone: nearest rounding on the calibrated grid."""
     return {}

@@ -1,22 +1,28 @@
-"""Tensor-level quantizers (no Lightning import): fake quantization, learned quantizers and their registry."""
+"""Tensor-level quantizers (no Lightning import): fake quantization, learned quantizers and their registry.
 
-from lightning_quant.quantizers import affine, binary, dorefa, dsq, dynamic, lsq, pact  # noqa: F401  (registers them)
-from lightning_quant.quantizers.affine import ObserverQuantizer
+Each method module registers its quantizer (``@register_quantizer``); ``QUANTIZERS`` finds them all by importing
+the modules of this package on its first lookup, so nothing here imports a module just to register it.
+"""
+
+from lightning_quant.quantizers.affine import ObserverOptions, ObserverQuantizer
 from lightning_quant.quantizers.base import QUANTIZERS, Quantizer, QuantizerConfig, build_quantizer, register_quantizer
 from lightning_quant.quantizers.dorefa import DoReFaQuantizer
 from lightning_quant.quantizers.dsq import DSQQuantizer
 from lightning_quant.quantizers.dynamic import DynamicQuantizer
 from lightning_quant.quantizers.functional import fake_quantize, int_range, qparams_from_range, round_ste
-from lightning_quant.quantizers.lsq import LSQQuantizer
-from lightning_quant.quantizers.pact import PACTQuantizer
+from lightning_quant.quantizers.lsq import LSQOptions, LSQQuantizer
+from lightning_quant.quantizers.pact import PACTOptions, PACTQuantizer
 
 __all__ = [
     "QUANTIZERS",
     "DSQQuantizer",
     "DoReFaQuantizer",
     "DynamicQuantizer",
+    "LSQOptions",
     "LSQQuantizer",
+    "ObserverOptions",
     "ObserverQuantizer",
+    "PACTOptions",
     "PACTQuantizer",
     "Quantizer",
     "QuantizerConfig",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -17,10 +18,29 @@ from lightning_quant.quantizers.functional import (
     round_ste,
     tensor_aminmax,
 )
-from lightning_quant.quantizers.observers import EMAObserver, build_observer
+from lightning_quant.quantizers.observers import EMAObserver, build_observer, observer_names
+from lightning_quant.registry import OptionError
 
 
-@register_quantizer("observer")
+@dataclass
+class ObserverOptions:
+    """The ``observer`` method's own keys of a ``weights``/``activations`` section: how the range is observed."""
+
+    observer: str = "minmax"  # range estimator: minmax, ema, percentile, mse, kl
+    momentum: float = 0.01  # EMA observer momentum
+    percentile: float = 99.99  # percentile observer
+    symmetric: bool = True  # zero point fixed at 0
+
+    def check(self) -> None:
+        if self.observer not in observer_names():
+            raise OptionError("observer", self.observer, f"allowed: {observer_names()}")
+        if not 0 < self.momentum <= 1:
+            raise OptionError("momentum", self.momentum, "allowed: 0 < momentum <= 1")
+        if not 50 < self.percentile <= 100:
+            raise OptionError("percentile", self.percentile, "allowed: 50 < percentile <= 100")
+
+
+@register_quantizer("observer", options=ObserverOptions)
 class ObserverQuantizer(Quantizer):
     """Uniform affine fake quantization whose range comes from an observer (min-max, EMA, percentile, MSE).
 
@@ -37,16 +57,17 @@ class ObserverQuantizer(Quantizer):
 
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
         super().__init__(cfg, role, num_groups)
+        opts: ObserverOptions = cfg.options
         self.observer = build_observer(
-            cfg.observer,
+            opts.observer,
             num_groups,
             bits=cfg.bits,
             signed=True if cfg.signed is None else cfg.signed,
-            momentum=cfg.momentum,
-            percentile=cfg.percentile,
-            symmetric=cfg.symmetric,
+            momentum=opts.momentum,
+            percentile=opts.percentile,
+            symmetric=opts.symmetric,
         )
-        self.symmetric = cfg.symmetric
+        self.symmetric = opts.symmetric
         self.register_buffer("scale", torch.ones(num_groups))
         self.register_buffer("zero_point", torch.zeros(num_groups, dtype=torch.int32))
         self.register_buffer("codes", torch.zeros(0, dtype=torch.int8))  # fixed integer weight codes, if set

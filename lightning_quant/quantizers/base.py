@@ -1,4 +1,4 @@
-"""The quantizer base class, its configuration dataclass and the name -> class registry.
+"""The quantizer base class, its common configuration dataclass and the name -> class registry.
 
 A quantizer is an ``nn.Module`` that fake-quantizes one tensor (a layer's weight or its input). Its
 range state lives in buffers/parameters so that checkpoints carry it; whether it quantizes and whether it
@@ -21,31 +21,51 @@ from lightning_quant.quantizers.functional import (
     int_range,
 )
 from lightning_quant.quantizers.state import OptionalStateModule
+from lightning_quant.registry import Registry, check_options
 
 Role = Literal["weight", "activation"]
 
 
-@dataclass
+@dataclass(init=False)
 class QuantizerConfig:
     """How one tensor (weights or activations) is quantized; the ``weights``/``activations`` recipe sections.
 
-    Example: ``QuantizerConfig(method="lsq", bits=4, granularity="per_channel")``.
+    The fields here are those every quantizer reads; ``options`` holds the selected method's own settings (its
+    options dataclass, defined next to the quantizer). Keywords of those options may be given flat, as in a
+    recipe: ``QuantizerConfig(method="pact", bits=4, clip_init=6.0)`` sets ``options=PACTOptions(clip_init=6.0)``.
     """
 
     enabled: bool = True  # False: leave this tensor in float
-    method: str = "observer"  # registry name: observer, lsq, pact, dorefa, dsq
+    method: str = "observer"  # registry name: observer, lsq, pact, dorefa, dsq, dynamic, binary methods
     bits: int = 8  # code width, 1..8
     signed: Optional[bool] = None  # None: weights signed; activations from the first batch (LSQ: see LSQQuantizer)
-    symmetric: bool = True  # zero point fixed at 0 (observer method)
-    granularity: str = "per_tensor"  # per_tensor, per_channel (weights), per_group (weights)
+    granularity: str = "per_tensor"  # per_tensor, per_channel (weights), per_group (weights), per_token (dynamic)
     axis: Optional[int] = None  # channel axis for per_channel; None: the layer's output-channel axis
     group_size: int = 128  # group length for per_group
-    observer: str = "minmax"  # range estimator: minmax, ema, percentile, mse
-    momentum: float = 0.01  # EMA observer momentum
-    percentile: float = 99.99  # percentile observer
-    learn_offset: bool = False  # LSQ+: learn an offset as well as the step
-    clip_init: Optional[float] = None  # PACT: initial clip alpha; None: the MSE-optimal clip of the first batch
-    clip_decay: float = 1e-4  # PACT: L2 penalty on alpha, applied as a gradient term
+    options: Any = None  # the method's options dataclass; None: its defaults
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        method: str = "observer",
+        bits: int = 8,
+        signed: Optional[bool] = None,
+        granularity: str = "per_tensor",
+        axis: Optional[int] = None,
+        group_size: int = 128,
+        options: Any = None,
+        **method_options: Any,
+    ) -> None:
+        self.enabled = enabled
+        self.method = method
+        self.bits = bits
+        self.signed = signed
+        self.granularity = granularity
+        self.axis = axis
+        self.group_size = group_size
+        if options is None or method_options:
+            options = QUANTIZERS[method].make_options(options, **method_options)
+        self.options = options
 
 
 class Quantizer(OptionalStateModule):
@@ -174,21 +194,19 @@ class Quantizer(OptionalStateModule):
         self._refresh_range()
 
 
-QUANTIZERS: dict[str, type[Quantizer]] = {}
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer method", "lightning_quant.quantizers")
 
 
-def register_quantizer(name: str) -> Any:
-    """Class decorator: make a quantizer selectable by ``name`` in recipes."""
-
-    def wrap(cls: type[Quantizer]) -> type[Quantizer]:
-        QUANTIZERS[name] = cls
-        return cls
-
-    return wrap
+def register_quantizer(name: str, options: Optional[type] = None) -> Any:
+    """Class decorator: make a quantizer selectable by ``name`` in recipes, with its options dataclass."""
+    return QUANTIZERS.register(name, options)
 
 
 def build_quantizer(cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> Quantizer:
-    """Instantiate the quantizer named by ``cfg.method`` for a weight or an activation."""
-    if cfg.method not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer method {cfg.method!r}; allowed: {sorted(QUANTIZERS)}")
-    return QUANTIZERS[cfg.method](cfg, role, num_groups)
+    """Instantiate the quantizer named by ``cfg.method`` for a weight or an activation (its options checked)."""
+    method = QUANTIZERS[cfg.method]
+    if not isinstance(cfg.options, method.options):
+        got = type(cfg.options).__name__
+        raise ValueError(f"quantizer method {cfg.method!r} takes {method.options.__name__} options, got {got}")
+    check_options(cfg.options)
+    return method.handler(cfg, role, num_groups)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +17,14 @@ from lightning_quant.quantizers.functional import grad_scale, is_distributed, ro
 MIN_STEP = 1e-8  # the smallest step the forward uses: a learned step never reaches zero or goes negative
 
 
-@register_quantizer("lsq")
+@dataclass
+class LSQOptions:
+    """The ``lsq`` method's own keys of a ``weights``/``activations`` section."""
+
+    learn_offset: bool = False  # LSQ+: learn an offset as well as the step
+
+
+@register_quantizer("lsq", options=LSQOptions)
 class LSQQuantizer(Quantizer):
     """Learned Step Size Quantization (Esser et al., 2020): ``v̂ = s·round(clip(v/s, qmin, qmax))``.
 
@@ -43,7 +51,7 @@ class LSQQuantizer(Quantizer):
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
         super().__init__(cfg, role, num_groups)
         self.scale = nn.Parameter(torch.ones(num_groups))
-        self.offset = nn.Parameter(torch.zeros(num_groups)) if cfg.learn_offset else None
+        self.offset = nn.Parameter(torch.zeros(num_groups)) if cfg.options.learn_offset else None
         # ``zero_point`` (a buffer) exists only on a shifted grid, so checkpoints written before it load unchanged
 
     # -- grid ------------------------------------------------------------------------------------------

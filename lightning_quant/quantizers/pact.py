@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.functional import round_ste
+from lightning_quant.registry import OptionError
 
 _INIT_SAMPLES = 1 << 16  # elements of the first batch searched for the initial clip
 _INIT_CANDIDATES = 100  # clip candidates, evenly spaced up to the batch's largest magnitude
 
 
-@register_quantizer("pact")
+@dataclass
+class PACTOptions:
+    """The ``pact`` method's own keys of an ``activations`` section: the clip level ``α``."""
+
+    clip_init: Optional[float] = None  # initial clip alpha; None: the MSE-optimal clip of the first batch
+    clip_decay: float = 1e-4  # L2 penalty on alpha, applied as a gradient term
+
+    def check(self) -> None:
+        if self.clip_init is not None and not self.clip_init > 0:
+            raise OptionError("clip_init", self.clip_init, "must be positive")
+        if not self.clip_decay >= 0:
+            raise OptionError("clip_decay", self.clip_decay, "must be >= 0")
+
+
+@register_quantizer("pact", options=PACTOptions)
 class PACTQuantizer(Quantizer):
     """Parameterized Clipping Activation (Choi et al., 2018) for activations.
 
@@ -37,9 +55,10 @@ class PACTQuantizer(Quantizer):
         if cfg.bits < 2:
             raise ValueError(f"PACT needs at least 2 activation bits, got bits={cfg.bits} (allowed: 2 to 8)")
         super().__init__(cfg, role, num_groups)
-        self.from_data = cfg.clip_init is None
-        self.alpha = nn.Parameter(torch.tensor([1.0 if cfg.clip_init is None else float(cfg.clip_init)]))
-        decay = cfg.clip_decay
+        opts: PACTOptions = cfg.options
+        self.from_data = opts.clip_init is None
+        self.alpha = nn.Parameter(torch.tensor([1.0 if opts.clip_init is None else float(opts.clip_init)]))
+        decay = opts.clip_decay
         if decay > 0:
             self.alpha.register_hook(lambda g: g + decay * self.alpha.detach())
 

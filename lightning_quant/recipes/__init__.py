@@ -19,6 +19,7 @@ from lightning_quant.recipes.loader import (
     list_recipes,
     load_recipe,
     override_list,
+    recipe_methods,
     recipes_dir,
 )
 from lightning_quant.recipes.schema import (
@@ -45,6 +46,7 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "override_list",
+    "recipe_methods",
     "recipes_dir",
     "validate_recipe",
 ]

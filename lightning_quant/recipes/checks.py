@@ -1,16 +1,20 @@
-"""Range and combination checks on a typed recipe (what the schema's types cannot say)."""
+"""Range and combination checks on a typed recipe (what the schema's types cannot say).
+
+The ranges of one method's keys are checked by that method's options (their ``check()``); here they become a
+:class:`RecipeError` naming the file and the key's full path.
+"""
 
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Optional
+from typing import Any, Optional
 
 from lightning_quant.nn.modules import TYPE_NAMES
-from lightning_quant.ptq import ALGORITHMS
+from lightning_quant.ptq import ALGORITHMS, PTQConfig
 from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
-from lightning_quant.quantizers.observers import observer_names
 from lightning_quant.recipes.kinds import KINDS, kind_note, validate_kind
-from lightning_quant.recipes.schema import Recipe, RecipeError, Where, check
+from lightning_quant.recipes.schema import Recipe, RecipeError, Where, check, refuse
+from lightning_quant.registry import OptionError, Registry, check_options
 
 _EDGE_RULES = ("float", "8bit", "same")
 _OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -18,12 +22,19 @@ _GRANULARITIES = ["per_tensor", "per_channel", "per_group", "per_token"]
 DATA_SOURCES = ("train", "val", "generated", "auto")
 
 
-def _quantizer(cfg: QuantizerConfig, key: str, role: str, where: Where) -> None:
-    check(cfg.method in QUANTIZERS, where, f"{key}.method", cfg.method, f"allowed: {sorted(QUANTIZERS)}")
-    qcls = QUANTIZERS[cfg.method]
-    check(1 <= cfg.bits <= 8, where, f"{key}.bits", cfg.bits, "allowed: 1 to 8")
-    roles = ", ".join(qcls.roles)
-    check(role in qcls.roles, where, f"{key}.method", cfg.method, f"{cfg.method} quantizes {roles} only")
+def _options(section: Any, key: str, selector: str, registry: Registry[Any], where: Where) -> None:
+    """The section's options are its method's, and in range (the options' own ``check()``)."""
+    name = getattr(section, selector)
+    check(name in registry, where, f"{key}.{selector}", name, f"allowed: {registry.names()}")
+    wanted = registry[name].options
+    check(isinstance(section.options, wanted), where, f"{key}.{selector}", name, f"its options are {wanted.__name__}")
+    try:
+        check_options(section.options)
+    except OptionError as err:
+        raise refuse(where, f"{key}.{err.key}", err.value, err.allowed) from None
+
+
+def _granularity(cfg: QuantizerConfig, key: str, role: str, where: Where) -> None:
     check(cfg.granularity in _GRANULARITIES, where, f"{key}.granularity", cfg.granularity, f"allowed: {_GRANULARITIES}")
     if role == "activation":
         check(
@@ -34,6 +45,7 @@ def _quantizer(cfg: QuantizerConfig, key: str, role: str, where: Where) -> None:
             "activations are quantized per_tensor, or per_token with method: dynamic "
             "(their channel count is not known before data flows)",
         )
+    qcls = QUANTIZERS[cfg.method].handler
     check(
         cfg.granularity in qcls.granularities,
         where,
@@ -41,20 +53,18 @@ def _quantizer(cfg: QuantizerConfig, key: str, role: str, where: Where) -> None:
         cfg.granularity,
         f"the {cfg.method} quantizer supports {', '.join(qcls.granularities)}",
     )
+
+
+def _quantizer(cfg: QuantizerConfig, key: str, role: str, where: Where) -> None:
+    check(cfg.method in QUANTIZERS, where, f"{key}.method", cfg.method, f"allowed: {QUANTIZERS.names()}")
+    qcls = QUANTIZERS[cfg.method].handler
+    check(1 <= cfg.bits <= 8, where, f"{key}.bits", cfg.bits, "allowed: 1 to 8")
+    roles = ", ".join(qcls.roles)
+    check(role in qcls.roles, where, f"{key}.method", cfg.method, f"{cfg.method} quantizes {roles} only")
+    _granularity(cfg, key, role, where)
     check(cfg.axis is None or -5 <= cfg.axis <= 4, where, f"{key}.axis", cfg.axis, "a weight axis, -5 to 4, or null")
-    check(cfg.observer in observer_names(), where, f"{key}.observer", cfg.observer, f"allowed: {observer_names()}")
     check(cfg.group_size > 0, where, f"{key}.group_size", cfg.group_size, "must be a positive integer")
-    check(0 < cfg.momentum <= 1, where, f"{key}.momentum", cfg.momentum, "allowed: 0 < momentum <= 1")
-    check(50 < cfg.percentile <= 100, where, f"{key}.percentile", cfg.percentile, "allowed: 50 < percentile <= 100")
-    check(cfg.clip_init is None or cfg.clip_init > 0, where, f"{key}.clip_init", cfg.clip_init, "must be positive")
-    check(cfg.clip_decay >= 0, where, f"{key}.clip_decay", cfg.clip_decay, "must be >= 0")
-    check(
-        not (cfg.learn_offset and cfg.method != "lsq"),
-        where,
-        f"{key}.learn_offset",
-        cfg.learn_offset,
-        "only the lsq method learns an offset (LSQ+)",
-    )
+    _options(cfg, key, "method", QUANTIZERS, where)
 
 
 def _layers(recipe: Recipe, where: Where) -> None:
@@ -115,9 +125,7 @@ def _inq(recipe: Recipe, where: Where) -> None:
     check(inq.error_weight >= 0, where, "inq.error_weight", inq.error_weight, "must be >= 0")
 
 
-def _ptq(recipe: Recipe, where: Where) -> None:
-    ptq = recipe.ptq
-    check(ptq.algorithm in ALGORITHMS, where, "ptq.algorithm", ptq.algorithm, f"allowed: {sorted(ALGORITHMS)}")
+def _ptq_common(ptq: PTQConfig, where: Where) -> None:
     sources = ", ".join(DATA_SOURCES)
     check(ptq.dataloader in DATA_SOURCES, where, "ptq.dataloader", ptq.dataloader, f"allowed: {sources}")
     check(ptq.generate_length >= 2, where, "ptq.generate_length", ptq.generate_length, "must be >= 2")
@@ -128,25 +136,14 @@ def _ptq(recipe: Recipe, where: Where) -> None:
         ptq.generate_greedy,
         f"allowed: 0 <= generate_greedy < generate_length ({ptq.generate_length})",
     )
-    check(ptq.act_iters is None or ptq.act_iters >= 0, where, "ptq.act_iters", ptq.act_iters, "must be >= 0")
-    check(0 <= ptq.drop_prob < 1, where, "ptq.drop_prob", ptq.drop_prob, "allowed: 0 <= drop_prob < 1")
-    check(0 <= ptq.warmup < 1, where, "ptq.warmup", ptq.warmup, "allowed: 0 <= warmup < 1")
-    check(ptq.blocks is None or ptq.blocks.strip() != "", where, "ptq.blocks", ptq.blocks, "a module name, or null")
-    at_least = {"num_samples": 1, "batch_size": 1, "sweeps": 1, "gptq_block_size": 1, "iters": 0, "seed": 0}
-    at_least.update({"norm_epochs": 0})
-    for key, low in at_least.items():
+    for key, low in {"num_samples": 1, "batch_size": 1, "seed": 0}.items():
         value = getattr(ptq, key)
         check(value >= low, where, f"ptq.{key}", value, f"must be >= {low}")
-    for key in ("weight_lr", "act_lr", "norm_lr", "cache_limit_mb", "beta_start", "beta_end"):
-        check(getattr(ptq, key) > 0, where, f"ptq.{key}", getattr(ptq, key), "must be positive")
-    for key in ("reg_weight", "damp", "norm_lr_slope"):
-        check(getattr(ptq, key) >= 0, where, f"ptq.{key}", getattr(ptq, key), "must be >= 0")
-    if recipe.kind != "ptq":
-        try:
-            check(ptq.algorithm == "none", where, "ptq.algorithm", ptq.algorithm, "a reconstruction needs kind: ptq")
-        except RecipeError as err:
-            raise kind_note(recipe, where, err) from None
-        return
+    check(ptq.cache_limit_mb > 0, where, "ptq.cache_limit_mb", ptq.cache_limit_mb, "must be positive")
+
+
+def _ptq_quantizers(recipe: Recipe, where: Where) -> None:
+    """Post-training quantization calibrates observer grids (or quantizes activations dynamically)."""
     for key, cfg, allowed in (
         ("weights", recipe.weights, ("observer",)),
         ("activations", recipe.activations, ("observer", "dynamic")),
@@ -158,15 +155,30 @@ def _ptq(recipe: Recipe, where: Where) -> None:
             cfg.method,
             f"post-training quantization calibrates fixed grids or uses dynamic activations: allowed: {list(allowed)}",
         )
-    if ptq.algorithm == "bitsplit":
+    if recipe.ptq.algorithm == "bitsplit":
         w = recipe.weights
+        symmetric = w.options.symmetric
         check(
-            w.granularity == "per_channel" and w.symmetric and w.bits >= 2,
+            w.granularity == "per_channel" and symmetric and w.bits >= 2,
             where,
             "weights",
-            f"{w.granularity}, symmetric={w.symmetric}, bits={w.bits}",
+            f"{w.granularity}, symmetric={symmetric}, bits={w.bits}",
             "bitsplit needs per_channel symmetric weights of 2 bits or more",
         )
+
+
+def _ptq(recipe: Recipe, where: Where) -> None:
+    ptq = recipe.ptq
+    check(ptq.algorithm in ALGORITHMS, where, "ptq.algorithm", ptq.algorithm, f"allowed: {ALGORITHMS.names()}")
+    _ptq_common(ptq, where)
+    _options(ptq, "ptq", "algorithm", ALGORITHMS, where)
+    if recipe.kind != "ptq":
+        try:
+            check(ptq.algorithm == "none", where, "ptq.algorithm", ptq.algorithm, "a reconstruction needs kind: ptq")
+        except RecipeError as err:
+            raise kind_note(recipe, where, err) from None
+        return
+    _ptq_quantizers(recipe, where)
 
 
 def validate_recipe(recipe: Recipe, where: Optional[Where] = None) -> None:

@@ -16,11 +16,23 @@ from typing import Any, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lightning_quant.ptq import ALGORITHMS, PTQConfig
+from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
 from lightning_quant.recipes.safe_yaml import MAX_DEPTH, MAX_NODES
-from lightning_quant.recipes.schema import RecipeError, Where, refuse, short_repr
+from lightning_quant.recipes.schema import RecipeError, Where, flat_fields, refuse, short_repr
+from lightning_quant.registry import Registry
 
 _INT = re.compile(r"[+-]?[0-9]+")
 _INT_LIMIT = 2**63  # larger integers overflow torch's int64
+
+
+# Sections whose keys depend on a method: section type -> (the key naming the method, the registry of methods).
+# Such a section is flat in YAML (common keys and the method's option keys side by side); in Python the method's
+# keys live in its ``options`` dataclass.
+METHOD_SECTIONS: dict[type, tuple[str, Registry[Any]]] = {
+    QuantizerConfig: ("method", QUANTIZERS),
+    PTQConfig: ("algorithm", ALGORITHMS),
+}
 
 
 def join(path: str, key: str) -> str:
@@ -41,7 +53,7 @@ def plain(value: Any, path: str, where: Where, budget: list[int] | None = None, 
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value, resolve=False)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        value = flat_fields(value)
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
@@ -108,8 +120,10 @@ def to_typed(tp: Any, value: Any, path: str, where: Where, default: Any = None) 
         return None if value is None else to_typed(inner[0], value, path, where, default)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            keys = ", ".join(f.name for f in dataclasses.fields(tp) if f.name != "source")
+            keys = ", ".join(f.name for f in dataclasses.fields(tp) if f.name not in ("source", "options"))
             raise refuse(where, path, value, f"{_describe(tp)} is expected ({keys})")
+        if tp in METHOD_SECTIONS:
+            return _method_section(tp, value, path, where, default)
         types = _field_types(tp)
         base = default if default is not None else tp()
         changes = {}
@@ -124,6 +138,53 @@ def to_typed(tp: Any, value: Any, path: str, where: Where, default: Any = None) 
         (item_tp,) = typing.get_args(tp)
         return [to_typed(item_tp, item, f"{path}[{i}]", where) for i, item in enumerate(value)]
     return _scalar(tp, value, path, where)
+
+
+def _method_section(tp: type, value: dict[str, Any], path: str, where: Where, default: Any) -> Any:
+    """A flat method section: its common keys, and the selected method's option keys into ``options``."""
+    selector, registry = METHOD_SECTIONS[tp]
+    base = default if default is not None else tp()
+    types = _field_types(tp)
+    common = [f.name for f in dataclasses.fields(tp) if f.name != "options"]
+    name = base_name = getattr(base, selector)
+    if selector in value:
+        name = to_typed(str, value[selector], join(path, selector), where)
+    if name not in registry:
+        raise refuse(where, join(path, selector), name, f"allowed: {registry.names()}")
+    method = registry[name]
+    changes = {}
+    option_values = {}
+    for key, item in value.items():
+        if key in common:
+            changes[key] = to_typed(types[key], item, join(path, key), where, getattr(base, key))
+        elif key in method.option_names():
+            option_values[key] = item
+        else:
+            raise _not_of_method(key, item, path, selector, name, registry, common, where)
+    start = base.options if name == base_name else method.options()
+    options = to_typed(method.options, option_values, path, where, start)
+    return dataclasses.replace(base, **changes, options=options)
+
+
+def _not_of_method(
+    key: str, value: Any, path: str, selector: str, name: str, registry: Registry[Any], common: list[str], where: Where
+) -> RecipeError:
+    """The error for a key that is neither common to the section nor an option of its selected method ``name``."""
+    key_path, method_path = join(path, key), join(path, selector)
+    takes = registry[name].option_names()
+    close = difflib.get_close_matches(key, [*common, *takes], n=1)
+    hint = f"did you mean {join(path, close[0])}? " if close else ""
+    owners = [other for other in registry.names() if key in registry[other].option_names()]
+    if not owners:
+        allowed = ", ".join([*common, *takes])
+        return RecipeError(f"{where(key_path)}: {key_path} is not a recipe key; {hint}{path} takes: {allowed}")
+    origin = where(method_path)
+    note = "" if where(key_path) == origin else f" (set in {origin})"
+    options = ", ".join(takes) if takes else "no options of its own"
+    return RecipeError(
+        f"{where(key_path)}: {key_path}={short_repr(value)} does not apply to {method_path}={name!r}{note}, only to "
+        f"{', '.join(owners)}; {name} takes: {options}; every {path} section takes: {', '.join(common)}"
+    )
 
 
 def _scalar(tp: Any, value: Any, path: str, where: Where) -> Any:

@@ -7,7 +7,6 @@ recipe, 4 bits for a sign binarizer) is refused, naming the key and the kind.
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 from typing import Any, Optional
 
 from lightning_quant.ptq import PTQConfig
@@ -21,6 +20,7 @@ from lightning_quant.recipes.schema import (
     Where,
     check,
     default_weights,
+    flat_fields,
     refuse,
 )
 
@@ -35,21 +35,23 @@ RUNNER = {
 
 def is_binary(method: str) -> bool:
     """True for the binary and ternary quantizers (those the Binarization callback runs)."""
-    return issubclass(QUANTIZERS[method], BinaryQuantizer)
+    return issubclass(QUANTIZERS[method].handler, BinaryQuantizer)
 
 
 def fixed_bits(method: str) -> Optional[int]:
     """The code width a binary quantizer always uses (sign: 1, ternary: 2); None where ``bits`` counts (sketch)."""
     if not is_binary(method):
         return None
-    attr = inspect.getattr_static(QUANTIZERS[method], "bits_per_weight")
+    attr = inspect.getattr_static(QUANTIZERS[method].handler, "bits_per_weight")
     return None if isinstance(attr, property) else int(attr)
 
 
 def _first_change(section: Any, default: Any, path: str) -> Optional[tuple[str, Any]]:
-    for f in fields(section):
-        if getattr(section, f.name) != getattr(default, f.name):
-            return f"{path}.{f.name}", getattr(section, f.name)
+    """The first key (as in YAML: method options flat) whose value differs from ``default``'s."""
+    old = flat_fields(default)
+    for key, value in flat_fields(section).items():
+        if key not in old or value != old[key]:
+            return f"{path}.{key}", value
     return None
 
 
@@ -109,13 +111,13 @@ def _ptq(recipe: Recipe, where: Where) -> None:
 
 
 def _binary(recipe: Recipe, where: Where) -> None:
-    binary = sorted(m for m in QUANTIZERS if is_binary(m))
+    binary = [m for m in QUANTIZERS.names() if is_binary(m)]
     w = recipe.weights
     check(w.enabled, where, "weights.enabled", w.enabled, "kind: binary quantizes weights with a binary method")
     check(is_binary(w.method), where, "weights.method", w.method, f"kind: binary needs a binary method: {binary}")
     act = recipe.activations
     if act.enabled:
-        acts = [m for m in binary if "activation" in QUANTIZERS[m].roles]
+        acts = [m for m in binary if "activation" in QUANTIZERS[m].handler.roles]
         check(
             is_binary(act.method),
             where,
@@ -166,13 +168,11 @@ def _inq(recipe: Recipe, where: Where) -> None:
         True,
         f"kind: inq quantizes weights only ({why} leaves activations float); set activations.enabled: false",
     )
-    w, default = recipe.weights, default_weights()
-    for f in fields(w):
-        if f.name != "bits" and getattr(w, f.name) != getattr(default, f.name):
-            value = getattr(w, f.name)
-            raise refuse(
-                where, f"weights.{f.name}", value, f"kind: inq uses only weights.bits ({why} ignores the other keys)"
-            )
+    w, default = recipe.weights, flat_fields(default_weights())
+    for key, value in flat_fields(w).items():
+        if key != "bits" and (key not in default or value != default[key]):
+            allowed = f"kind: inq uses only weights.bits ({why} ignores the other keys)"
+            raise refuse(where, f"weights.{key}", value, allowed)
     lay = recipe.layers
     for edge in ("first_layer", "last_layer"):
         rule = getattr(lay, edge)

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 from omegaconf import DictConfig
 
 from lightning_quant.recipes.checks import validate_recipe
-from lightning_quant.recipes.convert import join, plain, to_typed
+from lightning_quant.recipes.convert import METHOD_SECTIONS, join, plain, to_typed
 from lightning_quant.recipes.safe_yaml import parse_yaml, read_yaml_file
 from lightning_quant.recipes.schema import Recipe, RecipeError, refuse
 
@@ -46,6 +46,17 @@ def list_recipes() -> list[str]:
 def describe_recipes() -> dict[str, str]:
     """Shipped recipe name -> its one-line description (derived ones say what they change)."""
     return {name: load_recipe(name).description for name in list_recipes()}
+
+
+def recipe_methods(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """``(key path, method name, file defining it)`` for each method the recipe selects (weights, activations, ptq)."""
+    found = []
+    for key in ("weights", "activations", "ptq"):
+        section = getattr(recipe, key)
+        selector, registry = METHOD_SECTIONS[type(section)]
+        name = getattr(section, selector)
+        found.append((f"{key}.{selector}", name, registry[name].file))
+    return found
 
 
 def override_list(overrides: Overrides) -> list[str]:

@@ -1,11 +1,13 @@
 """The recipe schema: typed dataclasses for every section, and :class:`RecipeError`.
 
 The sections that belong to other layers (``weights``/``activations``: :class:`QuantizerConfig`, ``layers``:
-:class:`LayerSelection`, ``ptq``: :class:`PTQConfig`) are defined next to the code that uses them.
+:class:`LayerSelection`, ``ptq``: :class:`PTQConfig`) are defined next to the code that uses them; the keys of
+one method (``clip_init`` of PACT, ``damp`` of GPTQ) are in that method's options dataclass, next to its code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +87,54 @@ class DiagnosticsConfig:
     summary: bool = True  # print the surgery table and the bit-aware model summary
 
 
+def flat_fields(value: Any) -> dict[str, Any]:
+    """A dataclass instance's fields by name; a method's ``options`` (a dataclass) are spliced in flat, as in YAML."""
+    out = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    options = out.get("options")
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        del out["options"]
+        out.update({f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
+    return out
+
+
+def as_plain(value: Any) -> Any:
+    """Dataclasses (sections flat, as in YAML) and lists as plain dicts and lists, for writing out."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: as_plain(v) for k, v in flat_fields(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [as_plain(v) for v in value]
+    return value
+
+
+# The keys of a weights/activations section before each method owned its keys (issue 15), in that order, with
+# the defaults they had. The fingerprint hashes this layout, so checkpoints written before the split still resume.
+_LEGACY_QUANTIZER_KEYS: dict[str, Any] = {
+    "enabled": True,
+    "method": "observer",
+    "bits": 8,
+    "signed": None,
+    "symmetric": True,
+    "granularity": "per_tensor",
+    "axis": None,
+    "group_size": 128,
+    "observer": "minmax",
+    "momentum": 0.01,
+    "percentile": 99.99,
+    "learn_offset": False,
+    "clip_init": None,
+    "clip_decay": 1e-4,
+}
+
+
+def _legacy_layout(section: QuantizerConfig, observer: str) -> dict[str, Any]:
+    """``section`` as the flat mapping it was before the split (``observer``: that section's old default)."""
+    flat = as_plain(section)
+    old = {**_LEGACY_QUANTIZER_KEYS, "observer": observer}
+    out = {key: flat.pop(key, default) for key, default in old.items()}
+    out.update(flat)  # option keys of methods added since
+    return out
+
+
 def default_weights() -> QuantizerConfig:
     """The ``weights`` section a recipe starts from."""
     return QuantizerConfig(method="observer", bits=8)
@@ -114,13 +164,19 @@ class Recipe:
     source: str = ""  # where it was loaded from (filled in by the loader)
 
     def to_yaml(self) -> str:
-        """The resolved recipe as YAML (without its source)."""
-        data = OmegaConf.to_container(OmegaConf.structured(self))
-        data.pop("source", None)  # type: ignore[union-attr]
+        """The resolved recipe as flat YAML (each section's method options beside its common keys), without source.
+
+        ``load_recipe`` of this text gives this recipe back."""
+        data = as_plain(self)
+        data.pop("source", None)
         return OmegaConf.to_yaml(data)
 
     def fingerprint(self) -> str:
         """Hash of what shapes the quantized model (weights, activations, layers); schedules may change."""
-        cfg = OmegaConf.structured(self)
-        text = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, ["weights", "activations", "layers"]))
+        shaping = {
+            "weights": _legacy_layout(self.weights, "minmax"),
+            "activations": _legacy_layout(self.activations, "ema"),
+            "layers": as_plain(self.layers),
+        }
+        text = OmegaConf.to_yaml(shaping)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
