@@ -288,7 +288,7 @@ def test_second_fit_with_another_recipe_is_refused_naming_both(tmp_path):
     assert model.net.features[3].weight_quantizer.bits == 2
 
 
-@pytest.mark.parametrize("recipe", ["lsq_w4a4", "minmax_w8a8"])
+@pytest.mark.parametrize("recipe", ["lsq_w4a4", "minmax_w8a8"])  # examples: a learned step and an observer
 def test_a_reused_callback_instance_acts_like_a_fresh_one(tmp_path, recipe):
     """The same instance in a second Trainer (on a fresh model) must give exactly what a fresh instance gives."""
     dm = DigitsDataModule(shuffle=False)

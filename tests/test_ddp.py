@@ -16,7 +16,7 @@ def _run_two_ranks(script_name, recipe, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["minmax_w8a8", "lsq_w4a4"])
+@pytest.mark.parametrize("recipe", ["minmax_w8a8", "lsq_w4a4"])  # examples: observer ranges and a learned step
 def test_ddp_two_cpu_processes_hold_identical_scales(tmp_path, recipe):
     r0, r1 = _run_two_ranks("ddp_qat_script.py", recipe, tmp_path)
     assert r0.keys() == r1.keys()
@@ -28,7 +28,7 @@ def test_ddp_two_cpu_processes_hold_identical_scales(tmp_path, recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["reactnet", "elq_ternary"])
+@pytest.mark.parametrize("recipe", ["reactnet", "elq_ternary"])  # examples with per-rank learned or chosen state
 def test_ddp_binarization_and_elq_keep_ranks_identical(tmp_path, recipe):
     """ReActNet's RSign/RPReLU shifts and ELQ's loss-aware masks (from per-rank gradients) agree on both ranks."""
     r0, r1 = _run_two_ranks("ddp_qat_script.py", recipe, tmp_path)
@@ -43,7 +43,7 @@ def test_ddp_binarization_and_elq_keep_ranks_identical(tmp_path, recipe):
         assert any("rprelu" in k for k in r0)
 
 
-@pytest.mark.parametrize("recipe", ["minmax_w8a8", "adaround_w4a8"])
+@pytest.mark.parametrize("recipe", ["minmax_w8a8", "adaround_w4a8"])  # examples: merged ranges, broadcast rounding
 def test_ddp_calibration_matches_a_single_process_on_the_same_data(tmp_path, recipe):
     """Min-max ranges merged over ranks equal one process's; MSE activation grids and AdaRound's rounding
     come from rank 0 and are broadcast, so all ranks hold identical state."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_quant import IncrementalQuantization, load_recipe
+from lightning_quant import IncrementalQuantization, list_recipes, load_recipe
 from lightning_quant.callbacks.inq import level_exponents, loss_aware_score, to_levels
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
 from lightning_quant.recipes import RecipeError
@@ -91,7 +91,15 @@ def test_loss_aware_score_prefers_harmless_weights():
     assert score[3] < score[2]  # same (zero) loss change: the smaller approximation error goes first
 
 
-@pytest.mark.parametrize(("recipe", "values"), [("elq_ternary", 3), ("elq_binary", 2)])
+# every ELQ recipe (kind inq, ternary or binary levels) with the number of distinct values its weights may take
+ELQ_RECIPES = [
+    (name, 3 if recipe.inq.levels == "ternary" else 2)
+    for name in list_recipes()
+    if (recipe := load_recipe(name)).kind == "inq" and recipe.inq.levels != "pow2"
+]
+
+
+@pytest.mark.parametrize(("recipe", "values"), ELQ_RECIPES)
 def test_elq_weights_end_ternary_or_binary_and_frozen_ones_stay(tmp_path, recipe, values):
     model, cb, _ = _fit(tmp_path, 2, recipe=recipe)
     assert cb.quantized_fraction() == pytest.approx(0.75, abs=0.01)

@@ -163,7 +163,7 @@ def test_ptq_calibration_with_a_nan_sample_names_the_layer(tmp_path):
     pl.seed_everything(0)
     float_model = ImageClassifier(DigitsCNN(width=8), optimizer="adam", lr=3e-3, epochs=1)
     quiet_trainer(max_epochs=1).fit(float_model, datamodule=DigitsDataModule())
-    for recipe in ("minmax_w8a8", "percentile_w8a8", "mse_w4a8"):
+    for recipe in ("minmax_w8a8", "percentile_w8a8", "mse_w4a8"):  # examples: one per activation observer
         model = copy.deepcopy(float_model)
         cb = PostTrainingQuantization(recipe, overrides=["diagnostics.summary=false"], num_samples=64)
         trainer = quiet_trainer([cb])

@@ -23,7 +23,7 @@ from lightning_quant.examples import DigitsDataModule, ImageClassifier
 from lightning_quant.nn import quantized_layers
 
 BINARY_RECIPES = [name for name in list_recipes() if load_recipe(name).kind == "binary"]
-TERNARY_RECIPES = [name for name in BINARY_RECIPES if load_recipe(name).weights.method in ("twn", "ttq")]
+TERNARY_RECIPES = [name for name in BINARY_RECIPES if load_recipe(name).weights.bits == 2]  # kind binary, 2 bits
 
 
 def mlp() -> nn.Sequential:
@@ -292,7 +292,7 @@ def test_quantizer_state_for_a_module_the_model_lacks_is_refused():
 @pytest.mark.parametrize("suffix", ["onnx", "pt2"])
 def test_ternary_recipes_accept_an_onnx_or_pt2_export_path(suffix, tmp_path):
     """Ternary weights export as int8 codes, so the construction-time check must not refuse them."""
-    for recipe in ("twn", "ttq"):
+    for recipe in TERNARY_RECIPES:
         assert Binarization(recipe, export_path=str(tmp_path / f"m.{suffix}")).export_path is not None
 
 

@@ -21,6 +21,7 @@ from lightning_quant.examples import DigitsCNN
 from lightning_quant.nn import quantize_model
 from lightning_quant.recipes import RecipeError, describe_recipes, recipes_dir
 
+# the recipes the project promises to ship (a fixed list on purpose: dropping one must fail)
 REQUIRED = ["lsq_w8a8", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2", "pact_w4a4", "dorefa_w4a4", "dsq_w4a4", "minmax_w8a8"]
 
 

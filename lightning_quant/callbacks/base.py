@@ -71,7 +71,7 @@ def _quantizers(model: torch.nn.Module) -> list[Quantizer]:
     return [m for m in model.modules() if isinstance(m, Quantizer)]
 
 
-def _added(module: torch.nn.Module) -> bool:
+def _added_by_quantization(module: torch.nn.Module) -> bool:
     """Modules that quantization added to the user's model: quantizers, and marked ones (ReActNet's RPReLU)."""
     return isinstance(module, Quantizer) or getattr(module, "added_by_quantization", False)
 
@@ -80,7 +80,7 @@ def _quantizer_keys(model: torch.nn.Module) -> set[str]:
     """State-dict keys that belong to quantizers and other added modules (their parameters and buffers)."""
     keys: set[str] = set()
     for prefix, module in model.named_modules(remove_duplicate=False):
-        if _added(module):
+        if _added_by_quantization(module):
             keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
     return keys
 
@@ -319,7 +319,11 @@ def load_quantizer_state(pl_module: torch.nn.Module, quant_state: dict[str, Any]
     missing = sorted(expected - set(quant_state))
     if missing:
         raise MisconfigurationException(f"lightning-quant: checkpoint lacks quantizer state for {missing[:5]}")
-    added = [(prefix, module) for prefix, module in pl_module.named_modules(remove_duplicate=False) if _added(module)]
+    added = [
+        (prefix, module)
+        for prefix, module in pl_module.named_modules(remove_duplicate=False)
+        if _added_by_quantization(module)
+    ]
     unused = sorted(k for k in quant_state if not any(k.startswith(prefix + ".") for prefix, _ in added))
     if unused:  # state of a module this model lacks (e.g. an RPReLU the rebuild did not attach): never dropped
         raise MisconfigurationException(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,7 +54,7 @@ def _make_logger(kind: str, save_dir: Path, name: str) -> Logger:
     return CSVLogger(save_dir, name=name)
 
 
-def _accuracy(results: list[dict[str, float]]) -> Optional[float]:
+def _accuracy(results: Sequence[Mapping[str, float]]) -> Optional[float]:
     for key, value in (results[0] if results else {}).items():
         if "acc" in key:
             return float(value)
@@ -86,20 +87,12 @@ def callback_for(recipe: Recipe) -> pl.Callback:
 
 
 def run_fit(args: argparse.Namespace) -> dict[str, Any]:
-    """The main job; returns the numbers it prints."""
-    overrides = list(args.set or [])
-    if args.epochs is not None:
-        overrides.append(f"training.epochs={args.epochs}")
-    try:
-        recipe: Recipe = load_recipe(args.recipe, overrides)
-        export_format = format_for(args.export, args.format) if args.export else None  # before any training
-    except (RecipeError, ExportError) as err:
-        raise SystemExit(f"error: {err}") from err
-    if args.int4_weights and export_format != "onnx":
-        raise SystemExit("error: --int4-weights needs an ONNX export (--export F.onnx)")
+    """The main job: float baseline, then the recipe, then checkpoint/export; returns the numbers it prints."""
+    recipe, export_format = _fit_recipe(args)
     pl.seed_everything(args.seed, workers=True)
-    tr = recipe.training
-    datamodule = import_object(args.data, "data")() if args.data else DigitsDataModule(batch_size=tr.batch_size)
+    datamodule = (
+        import_object(args.data, "data")() if args.data else DigitsDataModule(batch_size=recipe.training.batch_size)
+    )
     user_model = args.model is not None
     model: pl.LightningModule = (
         import_object(args.model, "model")()
@@ -109,58 +102,15 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
 
     # 1. float baseline, cached by model source and structure, seed and epochs
-    key = baseline_key(model, datamodule)
-    cache = (
-        Path(args.cache_dir)
-        / f"{type(model).__module__}.{type(model).__qualname__}-seed{args.seed}-e{args.float_epochs}-{key}.pt"
-    )
-    start = time.perf_counter()
-    if cache.is_file() and not args.retrain:
-        model.load_state_dict(load_tensors(cache, "cached float baseline"))
-        float_time = "cached"
-        print(
-            f"float baseline reused from the cache: {cache} (same model source and structure, seed {args.seed}, "
-            f"{args.float_epochs} epochs; --retrain trains it again)"
-        )
-    else:
-        print(f"training the float baseline ({args.float_epochs} epochs); it is cached as {cache}")
-        _trainer(args.float_epochs, False, [], out_dir).fit(model, datamodule=datamodule)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(cache)  # atomic: a crash never leaves a half-written baseline
-        float_time = f"{time.perf_counter() - start:.1f} s"
+    float_time = _float_baseline(args, model, datamodule, out_dir)
     float_acc = _accuracy(_trainer(1, False, [], out_dir).test(model, datamodule=datamodule, verbose=False))
     float_summary = summarize(model)  # counts only: no forward, nothing changed
 
     # 2. quantization-aware fine-tuning (kind: qat) or post-training quantization (kind: ptq) under the recipe
     logger = _make_logger(args.logger, out_dir, recipe.name)
-    start = time.perf_counter()
-    callback = callback_for(recipe)
-    if recipe.kind == "ptq":
-        trainer = _trainer(1, logger, [callback], out_dir)
-        quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))  # calibrates first
-        qat_time = time.perf_counter() - start
-    else:
-        if not user_model:
-            model.hparams.update(
-                optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
-            )
-        trainer = _trainer(tr.epochs, logger, [callback], out_dir)
-        trainer.fit(model, datamodule=datamodule)
-        qat_time = time.perf_counter() - start
-        quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))
+    trainer, quant_acc, qat_time = _quantize(recipe, model, datamodule, logger, out_dir, set_hparams=not user_model)
     quant_summary = summarize(model)
-    if args.checkpoint:
-        trainer.save_checkpoint(args.checkpoint)  # written to a temporary file first, then renamed
-        print(f"quantized checkpoint: {args.checkpoint}")
-    if args.export:
-        example = next(iter(datamodule.test_dataloader()))[0][:1]
-        try:
-            path = export(model, example, args.export, export_format, args.int4_weights)
-            print(f"exported: {path}")
-        except ExportError as err:
-            raise SystemExit(f"error: cannot export {recipe.name}: {err}") from err
+    _save_quantized(args, recipe, trainer, model, datamodule, export_format)
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()  # flush the run (offline runs are then ready for `wandb sync`)
     result = {
@@ -178,13 +128,100 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _fit_recipe(args: argparse.Namespace) -> tuple[Recipe, Optional[str]]:
+    """The recipe with its ``--set``/``--epochs`` overrides, and the export format; checked before any training."""
+    overrides = list(args.set or [])
+    if args.epochs is not None:
+        overrides.append(f"training.epochs={args.epochs}")
+    try:
+        recipe: Recipe = load_recipe(args.recipe, overrides)
+        export_format = format_for(args.export, args.format) if args.export else None
+    except (RecipeError, ExportError) as err:
+        raise SystemExit(f"error: {err}") from err
+    if args.int4_weights and export_format != "onnx":
+        raise SystemExit("error: --int4-weights needs an ONNX export (--export F.onnx)")
+    return recipe, export_format
+
+
+def _float_baseline(args: argparse.Namespace, model: pl.LightningModule, datamodule: Any, out_dir: Path) -> str:
+    """Load the float baseline from the cache, or train it and cache it; returns its wall time (or "cached")."""
+    key = baseline_key(model, datamodule)
+    cache = (
+        Path(args.cache_dir)
+        / f"{type(model).__module__}.{type(model).__qualname__}-seed{args.seed}-e{args.float_epochs}-{key}.pt"
+    )
+    start = time.perf_counter()
+    if cache.is_file() and not args.retrain:
+        model.load_state_dict(load_tensors(cache, "cached float baseline"))
+        print(
+            f"float baseline reused from the cache: {cache} (same model source and structure, seed {args.seed}, "
+            f"{args.float_epochs} epochs; --retrain trains it again)"
+        )
+        return "cached"
+    print(f"training the float baseline ({args.float_epochs} epochs); it is cached as {cache}")
+    _trainer(args.float_epochs, False, [], out_dir).fit(model, datamodule=datamodule)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(cache)  # atomic: a crash never leaves a half-written baseline
+    return f"{time.perf_counter() - start:.1f} s"
+
+
+def _quantize(
+    recipe: Recipe,
+    model: pl.LightningModule,
+    datamodule: Any,
+    logger: Logger,
+    out_dir: Path,
+    set_hparams: bool,
+) -> tuple[pl.Trainer, Optional[float], float]:
+    """Run the recipe's callback: calibrate and test (PTQ), or fine-tune then test; returns the trainer, the
+    quantized accuracy and the seconds taken. ``set_hparams``: the demo model takes the recipe's optimizer."""
+    start = time.perf_counter()
+    callback = callback_for(recipe)
+    if recipe.kind == "ptq":
+        trainer = _trainer(1, logger, [callback], out_dir)
+        quant_acc = _accuracy(trainer.test(model, datamodule=datamodule, verbose=False))  # calibrates first
+        return trainer, quant_acc, time.perf_counter() - start
+    tr = recipe.training
+    if set_hparams:
+        model.hparams.update(
+            optimizer=tr.optimizer, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, epochs=tr.epochs
+        )
+    trainer = _trainer(tr.epochs, logger, [callback], out_dir)
+    trainer.fit(model, datamodule=datamodule)
+    qat_time = time.perf_counter() - start
+    return trainer, _accuracy(trainer.test(model, datamodule=datamodule, verbose=False)), qat_time
+
+
+def _save_quantized(
+    args: argparse.Namespace,
+    recipe: Recipe,
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: Any,
+    export_format: Optional[str],
+) -> None:
+    """Write the quantized checkpoint (``--checkpoint``) and the export (``--export``) where asked."""
+    if args.checkpoint:
+        trainer.save_checkpoint(args.checkpoint)  # written to a temporary file first, then renamed
+        print(f"quantized checkpoint: {args.checkpoint}")
+    if args.export:
+        example = next(iter(datamodule.test_dataloader()))[0][:1]
+        try:
+            path = export(model, example, args.export, export_format, args.int4_weights)
+            print(f"exported: {path}")
+        except ExportError as err:
+            raise SystemExit(f"error: cannot export {recipe.name}: {err}") from err
+
+
 def _fmt_acc(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * v:.2f} %"
 
 
 def _print_result(r: dict[str, Any], recipe: Recipe) -> None:
     head = ("", "float", f"quantized ({r['recipe']})")
-    rows = [
+    rows: list[tuple[str, ...]] = [
         ("test accuracy", _fmt_acc(r["float_acc"]), _fmt_acc(r["quant_acc"])),
         ("model size", f"{r['float_mb'] * 1e3:.1f} KB", f"{r['quant_mb'] * 1e3:.1f} KB"),
         ("compression", "1.00x", f"{r['compression']:.2f}x"),
@@ -197,7 +234,7 @@ def _print_result(r: dict[str, Any], recipe: Recipe) -> None:
 
 def _print_recipes(args: argparse.Namespace) -> None:
     if args.name is None:
-        rows = [(name, desc) for name, desc in describe_recipes().items()]
+        rows: list[tuple[str, ...]] = [(name, desc) for name, desc in describe_recipes().items()]
         print(format_table(("recipe", "description"), rows))
         return
     recipe = load_recipe(args.name)  # one recipe: its methods, the files that implement them, its resolved YAML
@@ -262,7 +299,7 @@ def run_export(args: argparse.Namespace) -> None:
         callback = callback_for(recipe)
         if not hasattr(callback, "prepare"):
             raise SystemExit(f"error: {recipe.name}: kind {recipe.kind!r} has no quantizers to export")
-        callback.prepare(model)  # type: ignore[attr-defined]
+        callback.prepare(model)
         model.load_state_dict(checkpoint["state_dict"], strict=False)
         load_quantizer_state(model, saved["quantizer_state"])
     model.eval()

@@ -7,66 +7,15 @@ keeps the float model's keys (plus the quantizers' own).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_quant.nn.quantized_layer import QuantizedLayer
 from lightning_quant.quantizers import Quantizer
-
-
-class QuantizedLayer(nn.Module):
-    """Mixin for quantized layers: fake-quantizes the weight and the input before the float computation."""
-
-    float_class: ClassVar[type[nn.Module]]
-    weight_axis: ClassVar[int] = 0  # output-channel axis of the weight
-    has_input: ClassVar[bool] = True
-    selected_as: ClassVar[str] = ""  # the ``layers.types`` name that selects it (default: the float class name)
-    weight_quantizer: Optional[Quantizer]
-    input_quantizer: Optional[Quantizer]
-
-    def first_call_pending(self) -> bool:
-        """Under ``torch.compile``, True while a quantizer of this layer has yet to initialise from data.
-
-        Initialisation decides Python state from the data (the code's sign, then the integer range), which would
-        break the graph inside the quantizer: every function between the layer and the break would then be compiled
-        on its own, once per layer that differs in a guard (rank, bits, requires_grad), until the recompile limit.
-        Instead the layer's first call runs eagerly (:meth:`eager_call`); from the next step on, the whole model is
-        one graph.
-        """
-        if not torch.compiler.is_compiling():
-            return False
-        found = [self._modules.get(k) for k in ("weight_quantizer", "input_quantizer", "output_quantizer")]
-        return any(isinstance(q, Quantizer) and not q._initialized for q in found)
-
-    @torch.compiler.disable
-    def eager_call(self, *args: Any, **kwargs: Any) -> Any:
-        """``forward`` outside ``torch.compile`` (a layer's first call, see :meth:`first_call_pending`)."""
-        return self.forward(*args, **kwargs)  # type: ignore[operator]
-
-    def weight_to_quantize(self) -> torch.Tensor:
-        """The tensor the weight quantizer receives (the weight, or the weight with a BatchNorm folded in)."""
-        return self.weight  # type: ignore[return-value]
-
-    def quantized_weight(self) -> torch.Tensor:
-        """The weight as the quantized model sees it."""
-        w = self.weight_to_quantize()
-        return self.weight_quantizer(w) if self.weight_quantizer is not None else w
-
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the quantized model sees it."""
-        return self.input_quantizer(x) if self.input_quantizer is not None else x
-
-    def quantized_output(self, y: torch.Tensor) -> torch.Tensor:
-        """The output, fake-quantized if the layer has an output quantizer (recipe key ``layers.quantize_outputs``)."""
-        q = self._modules.get("output_quantizer")
-        return q(y) if q is not None else y
-
-    def activation_quantizers(self) -> list[Quantizer]:
-        """The input quantizer and the output quantizer, where present."""
-        found = [self.input_quantizer, self._modules.get("output_quantizer")]
-        return [q for q in found if isinstance(q, Quantizer)]
 
 
 class QuantLinear(QuantizedLayer, nn.Linear):
@@ -83,13 +32,17 @@ class QuantLinear(QuantizedLayer, nn.Linear):
 class _QuantConvNd(QuantizedLayer):
     folded_bn: Optional[nn.modules.batchnorm._BatchNorm] = None
     bn_frozen: bool = False
+    # nn.ConvNd's
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    _conv_forward: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first_call_pending():
             return self.eager_call(x)
         xq = self.quantized_input(x)
         if self.folded_bn is None:
-            return self.quantized_output(self._conv_forward(xq, self.quantized_weight(), self.bias))  # type: ignore[attr-defined]
+            return self.quantized_output(self._conv_forward(xq, self.quantized_weight(), self.bias))
         return self.quantized_output(self._folded_forward(xq))
 
     def _fold_factor(self) -> torch.Tensor:
@@ -111,7 +64,7 @@ class _QuantConvNd(QuantizedLayer):
         return beta + (bias - bn.running_mean) * self._fold_factor()
 
     def weight_to_quantize(self) -> torch.Tensor:
-        weight: torch.Tensor = self.weight  # type: ignore[assignment]
+        weight = self.weight
         if self.folded_bn is None:
             return weight
         shape = [1] * weight.dim()
@@ -128,8 +81,8 @@ class _QuantConvNd(QuantizedLayer):
         bn = self.folded_bn
         assert bn is not None
         if not self.training or self.bn_frozen:
-            return self._conv_forward(x, self.quantized_weight(), self.folded_bias())  # type: ignore[attr-defined]
-        y = self._conv_forward(x, self.quantized_weight(), None)  # type: ignore[attr-defined]
+            return self._conv_forward(x, self.quantized_weight(), self.folded_bias())
+        y = self._conv_forward(x, self.quantized_weight(), None)
         oshape = [1] * y.dim()
         oshape[1] = -1
         assert bn.running_mean is not None
@@ -162,29 +115,38 @@ _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_trans
 
 class _QuantConvTransposeNd(QuantizedLayer):
     weight_axis = 1
+    # nn.ConvTransposeNd's
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Union[str, tuple[int, ...]]
+    dilation: tuple[int, ...]
+    groups: int
+    _output_padding: Callable[..., list[int]]
 
     def forward(self, x: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
         if self.first_call_pending():
             return self.eager_call(x, output_size)
-        dims = len(self.kernel_size)  # type: ignore[attr-defined]
-        output_padding = self._output_padding(  # type: ignore[attr-defined]
+        dims = len(self.kernel_size)
+        output_padding = self._output_padding(
             x,
             output_size,
             self.stride,
             self.padding,
             self.kernel_size,
             dims,
-            self.dilation,  # type: ignore[attr-defined]
+            self.dilation,
         )
         y = _CONV_TRANSPOSE[dims](
             self.quantized_input(x),
             self.quantized_weight(),
             self.bias,
-            self.stride,  # type: ignore[attr-defined]
-            self.padding,  # type: ignore[attr-defined]
+            self.stride,
+            self.padding,  # type: ignore[arg-type]  # a tuple: transposed convs take no padding string
             output_padding,
-            self.groups,  # type: ignore[attr-defined]
-            self.dilation,  # type: ignore[attr-defined]
+            self.groups,
+            self.dilation,
         )
         return self.quantized_output(y)
 
@@ -301,7 +263,7 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_in_features(module: nn.Module) -> int:
     """Input width of a layer for which :func:`is_linear` holds."""
-    return int(module.in_features) if isinstance(module, nn.Linear) else int(module.weight.shape[0])  # type: ignore[union-attr]
+    return int(module.in_features) if isinstance(module, nn.Linear) else int(cast(torch.Tensor, module.weight).shape[0])
 
 
 def name_quantizers(model: nn.Module) -> None:

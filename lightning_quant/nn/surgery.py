@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, cast
 
 from torch import nn
 
@@ -122,7 +122,7 @@ def _fold_pairs(model: nn.Module) -> dict[nn.Module, nn.modules.batchnorm._Batch
                 and b.affine
                 and b.track_running_stats
             ):
-                pairs[a] = b
+                pairs[a] = cast(nn.modules.batchnorm._BatchNorm, b)
     return pairs
 
 
@@ -153,6 +153,18 @@ def select_layers(
     module raises :class:`LayerSelectionError`.
     """
     check_globs(model, selection_globs(layers))
+    candidates = _candidate_layers(model, layers, report)
+    return [
+        _choose(index, len(candidates), name, module, weights, activations, layers)
+        for index, (name, module) in enumerate(candidates)
+    ]
+
+
+def _candidate_layers(
+    model: nn.Module, layers: LayerSelection, report: QuantizationReport
+) -> list[tuple[str, nn.Module]]:
+    """The layers of a type ``layers.types`` selects, and those already quantized, in registration order (each
+    shared module once). Other modules holding parameters of their own are reported as left in float."""
     seen: set[int] = set()
     candidates: list[tuple[str, nn.Module]] = []
     for raw_name, module in model.named_modules():
@@ -179,10 +191,7 @@ def select_layers(
             )
             report.warnings.append(msg)
             report.layers.append(LayerReport(name, type(module).__name__, "float", reason="unsupported layer"))
-    return [
-        _choose(index, len(candidates), name, module, weights, activations, layers)
-        for index, (name, module) in enumerate(candidates)
-    ]
+    return candidates
 
 
 def _choose(
@@ -215,18 +224,36 @@ def _choose(
         wcfg = _edge_config(rule, wcfg) if wcfg else None
         acfg = _edge_config(rule, acfg) if acfg else None
         reason = f"layers.{edge}={rule}" if rule != "same" else ""
+    wcfg, acfg, skipped, pattern = _apply_overrides(name, layers.overrides, wcfg, acfg)
+    if pattern is not None:
+        reason = f"override {pattern!r}"
+    if skipped:
+        return LayerChoice(name, module, None, None, kept=LayerReport(name, kind, "float", reason=reason))
+    return LayerChoice(name, module, wcfg, acfg, reason)
+
+
+def _apply_overrides(
+    name: str,
+    overrides: list[LayerOverride],
+    wcfg: Optional[QuantizerConfig],
+    acfg: Optional[QuantizerConfig],
+) -> tuple[Optional[QuantizerConfig], Optional[QuantizerConfig], bool, Optional[str]]:
+    """Apply, in order, every ``layers.overrides`` entry whose pattern matches ``name``.
+
+    Returns the weight and activation configs, whether an override skips the layer, and the last matching
+    pattern (None when none matches).
+    """
     skipped = False
-    for ov in layers.overrides:
+    pattern: Optional[str] = None
+    for ov in overrides:
         if fnmatch.fnmatchcase(name, ov.pattern):
             skipped = skipped or ov.skip
             if ov.weight_bits is not None and wcfg is not None:
                 wcfg = replace(wcfg, bits=ov.weight_bits)
             if ov.activation_bits is not None and acfg is not None:
                 acfg = replace(acfg, bits=ov.activation_bits)
-            reason = f"override {ov.pattern!r}"
-    if skipped:
-        return LayerChoice(name, module, None, None, kept=LayerReport(name, kind, "float", reason=reason))
-    return LayerChoice(name, module, wcfg, acfg, reason)
+            pattern = ov.pattern
+    return wcfg, acfg, skipped, pattern
 
 
 def quantize_model(
@@ -256,7 +283,7 @@ def quantize_model(
         module, acfg = choice.module, choice.activations
         output = acfg is not None and matches(choice.name, layers.quantize_outputs)
         _convert(module, choice.weights, acfg, fold.get(module), output)
-        row = _existing_row(choice.name, module)  # type: ignore[arg-type]
+        row = _existing_row(choice.name, cast(QuantizedLayer, module))
         notes = (choice.reason, "BN folded" if module in fold else "", "output quantized" if output else "")
         row.reason = ", ".join(x for x in notes if x)
         report.layers.append(row)
@@ -312,10 +339,10 @@ def _convert(
     except Exception:
         swap_class(module, float_cls)
         raise
-    module.weight_quantizer = wq
-    module.input_quantizer = aq
+    layer.weight_quantizer = wq
+    layer.input_quantizer = aq
     if oq is not None:
-        module.output_quantizer = oq
+        layer.output_quantizer = oq
     if bn is not None:
         swap_class(bn, FOLDED_BN_CLASSES[type(bn)])
         object.__setattr__(module, "folded_bn", bn)  # a reference, not a child: the state dict keeps its keys

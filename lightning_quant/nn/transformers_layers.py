@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from lightning_quant.nn.modules import QuantizedLayer
+from lightning_quant.nn.quantized_layer import QuantizedLayer
 
 
 class QuantTransformersConv1D(QuantizedLayer, Conv1D):

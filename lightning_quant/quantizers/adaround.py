@@ -40,7 +40,7 @@ class AdaRound(nn.Module):
     def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.quantizer[0]
         view = q.rows(w) if q.granularity == "per_group" else w
-        return q.per_group(q.scale.detach(), view).expand_as(view).reshape(w.shape), q.per_group(
+        return q.broadcast_per_group(q.scale.detach(), view).expand_as(view).reshape(w.shape), q.broadcast_per_group(
             q.zero_point.float(), view
         ).expand_as(view).reshape(w.shape)
 

@@ -100,8 +100,8 @@ class ObserverQuantizer(Quantizer):
         """The integer codes this quantizer gives ``w`` (the fixed ones if set), zero point included."""
         if self.codes.numel():
             return self.codes.float()
-        zp = self.per_group(self.zero_point.float(), self.rows(w) if self.granularity == "per_group" else w)
-        s = self.per_group(self.scale.detach(), self.rows(w) if self.granularity == "per_group" else w)
+        zp = self.broadcast_per_group(self.zero_point.float(), self.rows(w) if self.granularity == "per_group" else w)
+        s = self.broadcast_per_group(self.scale.detach(), self.rows(w) if self.granularity == "per_group" else w)
         v = self.rows(w) if self.granularity == "per_group" else w
         return torch.clamp(torch.round(v.detach() / s) + zp, self.qmin, self.qmax).reshape(w.shape)
 
@@ -122,15 +122,16 @@ class ObserverQuantizer(Quantizer):
 
     # -- the eager CPU path ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._initialized and self.fake_quant_enabled and self._plain() and kernels.applies(x):
+        if self._initialized and self.fake_quant_enabled and self._observer_ranges_only() and kernels.applies(x):
             if self.granularity == "per_tensor" and self.observer.fused_combine:
                 return self._per_tensor_forward(x)
             if self._symmetric_rows():
                 return self._per_channel_forward(x)
         return super().forward(x)
 
-    def _plain(self) -> bool:
-        """Plain observer fake quantization: no learned step, fixed codes, learned rounding or QDrop."""
+    def _observer_ranges_only(self) -> bool:
+        """True for plain observer fake quantization (ranges from the observer alone): no learned step, fixed codes,
+        learned rounding or QDrop. Only then may the fused eager kernels replace the generic path."""
         return (
             self.rounding is None
             and not self.codes.numel()
@@ -226,7 +227,8 @@ class ObserverQuantizer(Quantizer):
             return self.rounding(x)
         if self.codes.numel():
             out = self.apply_rows(
-                self.codes.float(), lambda c: (c - self.per_group(self.zero_point, c)) * self.per_group(self.scale, c)
+                self.codes.float(),
+                lambda c: (c - self.broadcast_per_group(self.zero_point, c)) * self.broadcast_per_group(self.scale, c),
             )
             return out.to(x.dtype)
         if isinstance(self.scale, nn.Parameter):
@@ -244,9 +246,9 @@ class ObserverQuantizer(Quantizer):
         """LSQ fake quantization with this quantizer's (fixed) zero point and a trainable step."""
         per_step = v.numel() // self.num_groups if self.role == "weight" else v[0].numel()
         g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))
-        s = self.per_group(self.scale, v)
+        s = self.broadcast_per_group(self.scale, v)
         s = s * g + (s - s * g).detach()  # gradient scaled by g, value unchanged
-        zp = self.per_group(self.zero_point.float(), v)
+        zp = self.broadcast_per_group(self.zero_point.float(), v)
         return (torch.clamp(round_ste(v / s) + zp, self.qmin, self.qmax) - zp) * s
 
     def scale_values(self) -> torch.Tensor:

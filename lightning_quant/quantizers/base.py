@@ -169,11 +169,11 @@ class Quantizer(OptionalStateModule):
         """``x`` viewed as ``(groups, N)`` for this quantizer's granularity."""
         return channel_view(x, self.granularity, self.axis, self.group_size)
 
-    def per_group(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Reshape a per-group vector ``v`` to broadcast against ``x`` (per-group uses the rows view)."""
+    def broadcast_per_group(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Reshape ``values`` (one per group) to broadcast against ``like`` (per-group uses the rows view)."""
         if self.granularity == "per_group":
-            return v.reshape(-1, 1)
-        return v.reshape(broadcast_shape(x, self.granularity, self.axis))
+            return values.reshape(-1, 1)
+        return values.reshape(broadcast_shape(like, self.granularity, self.axis))
 
     def apply_rows(self, x: torch.Tensor, fn: Any) -> torch.Tensor:
         """Run ``fn`` on ``x`` in the layout where per-group vectors broadcast, and restore the shape."""

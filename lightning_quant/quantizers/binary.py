@@ -1,6 +1,8 @@
-"""Binary and ternary quantizers: BinaryConnect, BNN, XNOR-Net, Bi-Real, IR-Net, ReActNet's RSign, Network
-Sketching, TWN and TTQ. Definitions and defaults follow ``ALGORITHMS.md``; each is a registered quantizer
-method, so recipes select them like any other (``weights.method: xnor``).
+"""Binary and ternary quantizers: BinaryConnect (Courbariaux et al., 2015), BNN (Hubara et al., 2016), XNOR-Net
+(Rastegari et al., 2016), Bi-Real (Liu et al., 2018), IR-Net (Qin et al., 2020), ReActNet's RSign (Liu et al.,
+2020), Network Sketching (Guo et al., 2017), TWN (Li et al., 2016) and TTQ (Zhu et al., 2017). Definitions and
+defaults follow those papers, each cited again on its class; each is a registered quantizer method, so recipes
+select them like any other (``weights.method: xnor``).
 
 Binarizers keep the latent real-valued weight as the layer's parameter and return its binary (or ternary)
 version in the forward pass; their backward passes are the methods' straight-through estimators.

@@ -36,8 +36,8 @@ class DSQQuantizer(Quantizer):
         self.upper.copy_(torch.maximum(hi, lo + 1e-6))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        lower = self.per_group(self.lower, x)
-        upper = self.per_group(self.upper, x)
+        lower = self.broadcast_per_group(self.lower, x)
+        upper = self.broadcast_per_group(self.upper, x)
         levels = 2**self.bits - 1
         delta = (upper - lower).clamp_min(1e-8) / levels
         t = (torch.minimum(torch.maximum(x, lower), upper) - lower) / delta

@@ -132,10 +132,10 @@ class LSQQuantizer(Quantizer):
             check_tensor(x, self)
 
         def fq(v: torch.Tensor) -> torch.Tensor:
-            s = self.per_group(grad_scale(step, g), v)
+            s = self.broadcast_per_group(grad_scale(step, g), v)
             if self.offset is None:
                 return round_ste(torch.clamp(v / s, self.qmin, self.qmax)) * s
-            b = self.per_group(grad_scale(self.offset, g), v)
+            b = self.broadcast_per_group(grad_scale(self.offset, g), v)
             return round_ste(torch.clamp((v - b) / s, self.qmin, self.qmax)) * s + b
 
         return self.apply_rows(x, fq)
