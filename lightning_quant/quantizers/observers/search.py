@@ -1,187 +1,16 @@
-"""Range observers: estimate ``[min, max]`` per quantization group from the tensors they see.
-
-Each observer keeps its range in buffers (saved in checkpoints) and can synchronise it across DDP ranks,
-so every rank quantizes with identical scales. Usage::
-
-    obs = build_observer("ema", num_groups=1)
-    obs(x.reshape(1, -1))
-    lo, hi = obs.min_val, obs.max_val
-"""
+"""The observers that search for a clip: MSE grid search (QDrop's calibration) and KL divergence on a histogram
+(TensorRT's calibration)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from lightning_quant.quantizers.finite import check_range
-from lightning_quant.quantizers.functional import (
-    average_across_ranks,
-    int_range,
-    is_distributed,
-    qparams_from_range,
-    row_aminmax,
-)
-from lightning_quant.quantizers.state import OptionalStateModule
-
-# Above this many elements per row, percentile/MSE observers work on an evenly strided sample (speed).
-_MAX_SAMPLE = 1 << 18
-# The histogram (KL) observer bins at most this many elements of each tensor; the range uses all of them.
-_MAX_HIST = 1 << 16
-# Elements a deferred MSE search runs over (kept from all calibration batches).
-_MAX_SEARCH = 1 << 16
-
-
-def _sample(rows: torch.Tensor) -> torch.Tensor:
-    step = max(1, math.ceil(rows.shape[1] / _MAX_SAMPLE))
-    return rows[:, ::step]
-
-
-class Observer(OptionalStateModule):
-    """Base class: ``forward(rows)`` updates the range from a ``(groups, N)`` view and returns nothing.
-
-    ``plain_range`` observers use each batch's plain minimum and maximum, so a per-tensor range can be taken
-    from the tensor as it is (:meth:`update`) instead of from a flattened view. Every range is checked before it
-    is merged: a NaN or Inf input raises a ``NonFiniteInputError`` naming ``qualname`` (its quantizer) and leaves
-    the buffers as they were.
-    """
-
-    plain_range: ClassVar[bool] = True
-    fused_combine: ClassVar[bool] = False  # the fused per-tensor kernel computes combine() (min-max and EMA)
-
-    def __init__(self, num_groups: int = 1) -> None:
-        super().__init__()
-        self.register_buffer("min_val", torch.full((num_groups,), float("inf")))
-        self.register_buffer("max_val", torch.full((num_groups,), float("-inf")))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self._has_range = False  # Python copy of count > 0: no tensor-to-bool sync (nor graph break) per step
-        self.qualname = f"an unnamed {type(self).__name__}"  # the quantizer's name, set by it
-
-    @property
-    def has_range(self) -> bool:
-        """True once at least one tensor was observed."""
-        return self._has_range
-
-    def _after_load(self) -> None:
-        self._has_range = bool(self.count > 0)
-
-    def mark_observed(self) -> None:
-        """Note that the buffers now hold an observed range (written by a fused kernel, count included)."""
-        self._has_range = True
-
-    def _counted(self) -> None:
-        """One more tensor observed. In place, and ``_has_range`` set once: ``Module.__setattr__`` costs more than
-        the observation itself on small tensors."""
-        self.count.add_(1)
-        if not self._has_range:
-            self._has_range = True
-
-    def finalize(self) -> None:
-        """Turn accumulated statistics into the final range (end of calibration; most observers: nothing)."""
-
-    def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Range estimate from one batch; subclasses refine it."""
-        return row_aminmax(rows)
-
-    def checked_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`batch_range`, refused if not finite (a NaN or Inf in ``rows`` makes it so)."""
-        lo, hi = self.batch_range(rows)
-        check_range(lo, hi, self)
-        return lo, hi
-
-    @torch.no_grad()
-    def forward(self, rows: torch.Tensor) -> None:
-        self.update(*self.checked_range(rows))
-
-    def update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Merge one batch's range (per-group vectors) into the running range."""
-        self.combine(lo, hi)
-        self._counted()
-
-    @torch.no_grad()
-    def reset_to(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Forget the history and hold exactly ``[lo, hi]`` (weights are re-observed from scratch each step)."""
-        self.min_val.copy_(lo)
-        self.max_val.copy_(hi)
-        self.count.fill_(1)
-        if not self._has_range:
-            self._has_range = True
-
-    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Merge one batch's range into the running range: here a running mean of batch estimates."""
-        if not self.has_range:
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-            return
-        n = float(self.count)
-        self.min_val.mul_(n / (n + 1)).add_(lo / (n + 1))
-        self.max_val.mul_(n / (n + 1)).add_(hi / (n + 1))
-
-    @torch.no_grad()
-    def sync(self) -> None:
-        """Average the range over DDP ranks (a no-op outside distributed runs)."""
-        average_across_ranks([self.min_val, self.max_val])
-
-
-class MinMaxObserver(Observer):
-    """Running minimum and maximum over everything seen (exact, but sensitive to outliers)."""
-
-    fused_combine = True
-
-    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        torch.minimum(self.min_val, lo, out=self.min_val)
-        torch.maximum(self.max_val, hi, out=self.max_val)
-
-    @torch.no_grad()
-    def sync(self) -> None:
-        """Global min and max over DDP ranks."""
-        if not is_distributed():
-            return
-        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
-        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
-
-
-class EMAObserver(Observer):
-    """Exponential moving average of per-batch min/max, the usual choice for activations during QAT.
-
-    Each step moves the range by ``momentum·(batch - running)``, written as separate float32 operations (not
-    ``lerp``, which may fuse them) so that the fused kernel's scalar arithmetic gives the same bits.
-    """
-
-    fused_combine = True
-
-    def __init__(self, num_groups: int = 1, momentum: float = 0.01) -> None:
-        super().__init__(num_groups)
-        self.momentum = momentum
-
-    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        if not self.has_range:
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-            return
-        self.min_val.add_((lo - self.min_val).mul_(self.momentum))
-        self.max_val.add_((hi - self.max_val).mul_(self.momentum))
-
-
-class PercentileObserver(Observer):
-    """Clips the range at the ``percentile``-th percentile of each batch (averaged over batches)."""
-
-    plain_range = False
-
-    def __init__(self, num_groups: int = 1, percentile: float = 99.99) -> None:
-        super().__init__(num_groups)
-        self.percentile = percentile
-
-    def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_range(*row_aminmax(rows), self)  # a percentile can step over an Inf: check all of rows
-        rows = _sample(rows.detach().float())
-        q = self.percentile / 100.0
-        hi = torch.quantile(rows, q, dim=1)
-        lo = torch.quantile(rows, 1.0 - q, dim=1)
-        return lo, hi
+from lightning_quant.quantizers.functional import int_range, is_distributed, qparams_from_range, row_aminmax
+from lightning_quant.quantizers.observers.base import MAX_HIST, MAX_SEARCH, Observer, sample_rows
 
 
 class MSEObserver(Observer):
@@ -217,7 +46,7 @@ class MSEObserver(Observer):
         rows = rows.detach().float()
         lo, hi = row_aminmax(rows)
         check_range(lo, hi, self)
-        per_batch = max(1, _MAX_SEARCH // 16)  # about 16 batches' worth of samples fill the budget
+        per_batch = max(1, MAX_SEARCH // 16)  # about 16 batches' worth of samples fill the budget
         step = max(1, math.ceil(rows.shape[1] / per_batch))
         self._kept.append(rows[:, ::step])
         if self.has_range:
@@ -243,7 +72,7 @@ class MSEObserver(Observer):
         if not self._kept:
             return
         kept = torch.cat(self._kept, dim=1)
-        kept = kept[:, :: max(1, math.ceil(kept.shape[1] / _MAX_SEARCH))]
+        kept = kept[:, :: max(1, math.ceil(kept.shape[1] / MAX_SEARCH))]
         self._kept = []
         self.deferred = False
         lo, hi = self._search(kept, self.min_val.clone(), self.max_val.clone())
@@ -251,7 +80,7 @@ class MSEObserver(Observer):
         self.max_val.copy_(hi)
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _sample(rows.detach().float())
+        rows = sample_rows(rows.detach().float())
         lo0, hi0 = row_aminmax(rows)
         return self._search(rows, lo0, hi0)
 
@@ -303,7 +132,7 @@ class HistogramObserver(Observer):
         flat = rows.detach().float().reshape(-1)
         lo, hi = torch.aminmax(flat)
         check_range(lo, hi, self)
-        flat = flat[:: max(1, math.ceil(flat.numel() / _MAX_HIST))]  # an evenly strided sample feeds the histogram
+        flat = flat[:: max(1, math.ceil(flat.numel() / MAX_HIST))]  # an evenly strided sample feeds the histogram
         bound = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8)
         if self.has_range:
             self.min_val.clamp_(max=lo)
@@ -404,41 +233,3 @@ def kl_divergences(hist: torch.Tensor, levels: int, kept_bins: torch.Tensor) -> 
     empty_last = (last == 0) & (ref_last > 0)  # P has mass where Q has none
     plogq = plogq + torch.where(empty_last, ref_last / total * math.log(1e-12), 0.0)
     return (plogp - plogq).float()
-
-
-_OBSERVERS: dict[str, Callable[..., Observer]] = {
-    "minmax": MinMaxObserver,
-    "ema": EMAObserver,
-    "percentile": PercentileObserver,
-    "mse": MSEObserver,
-    "kl": HistogramObserver,
-}
-
-
-def observer_names() -> list[str]:
-    """Names accepted by :func:`build_observer` (and by recipes' ``observer`` key)."""
-    return sorted(_OBSERVERS)
-
-
-def build_observer(
-    name: str,
-    num_groups: int = 1,
-    *,
-    bits: int = 8,
-    signed: bool = True,
-    momentum: float = 0.01,
-    percentile: float = 99.99,
-    symmetric: bool = False,
-) -> Observer:
-    """Create the observer registered under ``name`` with the options that apply to it."""
-    if name not in _OBSERVERS:
-        raise ValueError(f"unknown observer {name!r}; allowed: {observer_names()}")
-    if name == "ema":
-        return EMAObserver(num_groups, momentum=momentum)
-    if name == "percentile":
-        return PercentileObserver(num_groups, percentile=percentile)
-    if name == "mse":
-        return MSEObserver(num_groups, bits=bits, signed=signed, symmetric=symmetric)
-    if name == "kl":
-        return HistogramObserver(num_groups, bits=bits, signed=signed)
-    return _OBSERVERS[name](num_groups)
