@@ -3,7 +3,7 @@
 // The Python paths issue five to thirty ATen calls per quantizer and step (range, qparams, quantize, mask),
 // and on small layers each call costs more than its work. These functions do the same float32 arithmetic in
 // one loop: nearbyint(x * (1/s)) as torch's fake-quant kernels, the observer and qparams formulas of
-// observers.py / functional.py operation by operation (built with -ffp-contract=off, so no operation is fused
+// observers/ and functional.py operation by operation (built with -ffp-contract=off, so no operation is fused
 // into another and every result is rounded as in the tensor code). Tests compare them bit for bit.
 //
 // Each kernel is a torch operator (namespace lightning_quant, TORCH_LIBRARY): the Python entry points below call
