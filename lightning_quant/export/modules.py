@@ -215,6 +215,7 @@ def _grid_weight_layers(model: nn.Module) -> list[tuple[str, GridWeightLayer]]:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``name`` (a dotted path) of ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
