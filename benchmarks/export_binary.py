@@ -27,8 +27,8 @@ import torch
 
 from lightning_quant import list_recipes, load_packed, load_recipe, quantize_model
 from lightning_quant.examples import resnet20
+from lightning_quant.export import save_packed
 from lightning_quant.nn import quantized_layers
-from lightning_quant.packed import save_packed
 from lightning_quant.quantizers.binary import RPReLU, RSignQuantizer, apply_rprelu
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from lightning_quant import PostTrainingQuantization, export
-from lightning_quant.deploy import compile_int8, export_torch
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
+from lightning_quant.export import compile_int8, export_torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import header, interleaved_ratios, quiet_trainer  # noqa: E402

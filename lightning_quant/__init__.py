@@ -7,9 +7,8 @@ from lightning_quant.callbacks import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
 )
-from lightning_quant.deploy import ExportError, export, load_program
+from lightning_quant.export import ExportError, export, load_packed, load_program
 from lightning_quant.nn import dequantize_model, quantize_model, summarize
-from lightning_quant.packed import load_packed
 from lightning_quant.recipes import Recipe, RecipeError, list_recipes, load_recipe
 
 __version__ = "0.1.0"

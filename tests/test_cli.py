@@ -196,7 +196,7 @@ def test_user_model_module_file_edits_and_pt2_deployment(tmp_path):
     script = textwrap.dedent("""
         import sys, torch
         import lightning_quant
-        from lightning_quant.deploy import compile_int8
+        from lightning_quant.export import compile_int8
         from lightning_quant.examples import DigitsDataModule
         for path in sys.argv[1:]:
             program = lightning_quant.load_program(path)

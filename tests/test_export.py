@@ -24,10 +24,9 @@ from lightning_quant import (
     load_recipe,
 )
 from lightning_quant.cli import main as cli_main
-from lightning_quant.deploy import compile_int8, export_torch, int8_saturation_risk
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier, resnet20
+from lightning_quant.export import compile_int8, export_torch, int8_saturation_risk, unpack_codes
 from lightning_quant.nn import quantize_model, quantized_layers
-from lightning_quant.packed import unpack_codes
 from lightning_quant.ptq import calibrate, finalize, set_quant_state
 from lightning_quant.quantizers import QuantizerConfig
 

@@ -121,7 +121,7 @@ def test_inq_model_exports_its_power_of_two_weights_as_integers(tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from lightning_quant import export
-    from lightning_quant.deploy import compile_int8, export_torch
+    from lightning_quant.export import compile_int8, export_torch
 
     model, cb, _ = _fit(tmp_path, 4)  # inq_4bit, every stage done
     w = to_levels(model.net.classifier.weight.data, 0, -7)  # 5-bit levels 2^-7 .. 2^0: 128 steps

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanSquaredError
 
 from lightning_quant import QuantizationAwareTraining
-from lightning_quant.deploy import deploy_model, export
+from lightning_quant.export import deploy_model, export
 from lightning_quant.nn import quantized_layers
 
 FEATURES = 16

@@ -21,7 +21,7 @@ from lightning_quant.callbacks.guards import (
     recipe_mismatch_message,
     run_checkpoint_hook_after_writers,
 )
-from lightning_quant.deploy import FORMATS, ExportError, export, format_for
+from lightning_quant.export import FORMATS, ExportError, export, format_for
 from lightning_quant.nn import LayerSelectionError, QuantizationReport, quantize_model, quantized_layers
 from lightning_quant.nn.summary import ModelSummary, summarize
 from lightning_quant.nn.surgery import RECIPE_ATTR

@@ -27,8 +27,8 @@ from lightning_quant.callbacks import (
 )
 from lightning_quant.callbacks.base import load_quantizer_state
 from lightning_quant.cli.loading import baseline_key, import_object, load_tensors, stored_recipe
-from lightning_quant.deploy import ExportError, export, format_for
 from lightning_quant.examples import DigitsDataModule, ImageClassifier
+from lightning_quant.export import ExportError, export, format_for
 from lightning_quant.nn import summarize
 from lightning_quant.nn.surgery import format_table
 from lightning_quant.recipes import Recipe, RecipeError, describe_recipes, load_recipe, recipe_methods

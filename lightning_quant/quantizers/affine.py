@@ -18,6 +18,7 @@ from lightning_quant.quantizers.functional import (
     round_ste,
     tensor_aminmax,
 )
+from lightning_quant.quantizers.grid import ExportGrid, grid_for
 from lightning_quant.quantizers.observers import EMAObserver, build_observer, observer_names
 from lightning_quant.registry import OptionError
 
@@ -253,6 +254,11 @@ class ObserverQuantizer(Quantizer):
 
     def scale_values(self) -> torch.Tensor:
         return self.scale.detach()
+
+    def export_grid(self) -> ExportGrid:
+        """Its scale and integer zero point per tensor, channel or group (fixed codes lie on the same grid)."""
+        scale, zp = self.scale.detach().float(), self.zero_point.detach().to(torch.int32)
+        return grid_for(scale, zp, self.qmin, self.qmax, self.granularity, self.axis, self.group_size)
 
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         zp = self.zero_point.float()

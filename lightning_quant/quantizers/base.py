@@ -20,6 +20,7 @@ from lightning_quant.quantizers.functional import (
     channel_view,
     int_range,
 )
+from lightning_quant.quantizers.grid import ExportGrid, NoIntegerGrid
 from lightning_quant.quantizers.state import OptionalStateModule
 from lightning_quant.registry import Registry, check_options
 
@@ -154,6 +155,14 @@ class Quantizer(OptionalStateModule):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # -- export ------------------------------------------------------------------------------------------
+    def export_grid(self) -> ExportGrid:
+        """The static integer grid this quantizer applies, for export, or why it has none (each class says)."""
+        return NoIntegerGrid(
+            f"{type(self).__name__} declares no integer grid (Quantizer.export_grid); export supports observer, "
+            "LSQ and PACT quantizers"
+        )
 
     # -- introspection used by diagnostics and summaries ----------------------------------------------
     def scale_values(self) -> torch.Tensor:

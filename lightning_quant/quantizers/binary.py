@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
+from lightning_quant.quantizers.grid import ExportGrid, NoIntegerGrid
 from lightning_quant.quantizers.state import OptionalStateModule
 
 
@@ -69,6 +70,10 @@ class BinaryQuantizer(Quantizer):
 
     def initialize(self, x: torch.Tensor) -> None:
         """Binarizers need no range."""
+
+    def export_grid(self) -> ExportGrid:
+        """No integer grid: binary layers are exported in the packed format instead."""
+        return NoIntegerGrid(f"{type(self).__name__} is binary; export it with format='packed' (a .packed file)")
 
     def extra_repr(self) -> str:
         return f"{self.role}, {type(self).__name__}"
@@ -238,6 +243,13 @@ class TernaryQuantizer(BinaryQuantizer):
     def ternary(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes {−1, 0, 1} (int8, ``w``'s shape) and the positive and negative scales per output channel."""
         raise NotImplementedError
+
+    def export_grid(self) -> ExportGrid:
+        """No static grid: the scales come from the weight itself (export takes codes and scales from ``ternary``)."""
+        return NoIntegerGrid(
+            f"{type(self).__name__} is ternary: its scales come from the weight ({type(self).__name__}.ternary), "
+            "which export reads for a layer's weight only; or export it with format='packed'"
+        )
 
 
 @register_quantizer("twn")

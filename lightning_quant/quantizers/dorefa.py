@@ -6,6 +6,7 @@ import torch
 
 from lightning_quant.quantizers.base import Quantizer, register_quantizer
 from lightning_quant.quantizers.functional import round_ste
+from lightning_quant.quantizers.grid import ExportGrid, NoIntegerGrid
 
 
 def _q(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -45,3 +46,11 @@ class DoReFaQuantizer(Quantizer):
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo = -1.0 if self.role == "weight" or self.qmin < 0 else 0.0
         return torch.tensor([lo]), torch.tensor([1.0])
+
+    def export_grid(self) -> ExportGrid:
+        """No grid: export supports no DoReFa levels (the weight and signed ones have no level at zero)."""
+        if self.role == "weight" or self.qmin < 0:
+            why = "its levels 2j/(2^b-1) - 1 sit half a step off zero, with no integer zero point on their step"
+        else:
+            why = "its activation levels j/(2^b-1) are not exported"
+        return NoIntegerGrid(f"{type(self).__name__}: {why}; export supports observer, LSQ and PACT quantizers")

@@ -7,6 +7,7 @@ from torch import nn
 
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.functional import row_aminmax
+from lightning_quant.quantizers.grid import ExportGrid, NoIntegerGrid
 
 
 @register_quantizer("dsq")
@@ -55,3 +56,10 @@ class DSQQuantizer(Quantizer):
 
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lower.detach(), self.upper.detach()
+
+    def export_grid(self) -> ExportGrid:
+        """No grid: its levels start at the learned ``lower``, a real-valued offset, not an integer zero point."""
+        return NoIntegerGrid(
+            f"{type(self).__name__} levels start at its learned lower bound, a real-valued offset; QuantizeLinear "
+            "needs an integer zero point (export supports observer, LSQ and PACT quantizers)"
+        )

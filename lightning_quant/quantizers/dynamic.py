@@ -11,6 +11,7 @@ import torch
 
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.functional import round_ste
+from lightning_quant.quantizers.grid import ExportGrid, NoIntegerGrid
 
 
 @register_quantizer("dynamic")
@@ -36,6 +37,13 @@ class DynamicQuantizer(Quantizer):
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         inf = torch.tensor([float("inf")])
         return -inf, inf  # the step follows each token's range: nothing is clipped
+
+    def export_grid(self) -> ExportGrid:
+        """No grid: the step is recomputed for every token at run time, so there is no static grid to export."""
+        return NoIntegerGrid(
+            f"{type(self).__name__} computes a step per token at run time; export writes static grids only "
+            "(observer, LSQ and PACT quantizers)"
+        )
 
     def extra_repr(self) -> str:
         return f"{self.role}, bits={self.bits}, per_token (dynamic)"

@@ -13,6 +13,7 @@ from lightning_quant.quantizers import _kernels as kernels
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.finite import check_tensor
 from lightning_quant.quantizers.functional import grad_scale, is_distributed, round_ste, row_aminmax
+from lightning_quant.quantizers.grid import ExportGrid, NoIntegerGrid, grid_for
 
 MIN_STEP = 1e-8  # the smallest step the forward uses: a learned step never reaches zero or goes negative
 
@@ -148,3 +149,14 @@ class LSQQuantizer(Quantizer):
         s = self.scale_values()
         b = self.offset.detach() if self.offset is not None else torch.zeros_like(s)
         return s * self.qmin + b, s * self.qmax + b
+
+    def export_grid(self) -> ExportGrid:
+        """The step the forward uses with zero point 0, or ``z`` on a shifted grid (its codes then start at 0)."""
+        if self.offset is not None:
+            return NoIntegerGrid(
+                f"{type(self).__name__} (LSQ+) learned a real-valued offset; QuantizeLinear needs an integer one"
+            )
+        shift = int(getattr(self, "zero_point", 0))  # [-z, 2^b - 1 - z] is the codes [0, 2^b - 1] with zero point z
+        scale = self.scale_values().float()
+        zp = torch.full_like(scale, shift, dtype=torch.int32)
+        return grid_for(scale, zp, self.qmin + shift, self.qmax + shift, self.granularity, self.axis, self.group_size)

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.functional import round_ste
+from lightning_quant.quantizers.grid import ExportGrid, grid_for
 from lightning_quant.registry import OptionError
 
 _INIT_SAMPLES = 1 << 16  # elements of the first batch searched for the initial clip
@@ -82,6 +83,13 @@ class PACTQuantizer(Quantizer):
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alpha.detach().abs()
         return (-a if bool(self.signed) else torch.zeros_like(a)), a
+
+    def export_grid(self) -> ExportGrid:
+        """Step ``|α|/qmax`` with zero point 0 on codes ``[0, qmax]``, or ``[−qmax, qmax]`` for signed inputs."""
+        scale = (self.alpha.detach().abs() / self.qmax).float().reshape(-1)
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+        qmin = -self.qmax if bool(self.signed) else self.qmin
+        return grid_for(scale, zp, qmin, self.qmax, self.granularity, self.axis, self.group_size)
 
 
 def mse_clip(x: torch.Tensor, qmax: int, signed: bool) -> float:

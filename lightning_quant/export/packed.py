@@ -14,10 +14,6 @@ then loads it with ``torch.export.load`` and checks that its graph calls only AT
 
 from __future__ import annotations
 
-import io
-import json
-import re
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,15 +22,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_quant.deploy import (
-    ExportError,
-    _batch_dims,
-    _cpu_args,
-    _deploy_weight_bias,
-    _layer_call,
-    _replace,
-    check_attachments,
-)
+from lightning_quant.export.archive import check_archive, check_ops, save_program
+from lightning_quant.export.errors import ExportError
+from lightning_quant.export.modules import check_attachments, deploy_weight_bias, layer_call, replace_module
+from lightning_quant.export.tracing import cpu_args, dynamic_dims
 from lightning_quant.nn.modules import FoldedBatchNorm, QuantizedLayer
 from lightning_quant.nn.surgery import quantized_layers
 from lightning_quant.quantizers import Quantizer
@@ -87,8 +78,8 @@ class PackedBinaryLayer(nn.Module):
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__()
         check_attachments(layer, name, carried=("rprelu",))
-        weight, bias = _deploy_weight_bias(layer)
-        self.kind, self.conv_fn, self.conv_args = _layer_call(layer, name)
+        weight, bias = deploy_weight_bias(layer)
+        self.kind, self.conv_fn, self.conv_args = layer_call(layer, name)
         self.shape = tuple(weight.shape)
         q = layer.weight_quantizer
         if isinstance(q, TernaryQuantizer):
@@ -154,7 +145,7 @@ def _packed_in_place(model: nn.Module) -> Iterator[nn.Module]:
             if _packable(layer):
                 packed = PackedBinaryLayer(layer, name)
                 swaps.append((name, layer))
-                _replace(model, name, packed)
+                replace_module(model, name, packed)
             elif any(q.fake_quant_enabled for q in layer.modules() if isinstance(q, Quantizer)):
                 raise ExportError(
                     f"'{name}': {type(layer.weight_quantizer).__name__} weights are neither binary nor ternary; the "
@@ -165,11 +156,11 @@ def _packed_in_place(model: nn.Module) -> Iterator[nn.Module]:
         for name, module in list(model.named_modules()):
             if isinstance(module, FoldedBatchNorm):  # its affine moved into the conv's bias
                 swaps.append((name, module))
-                _replace(model, name, nn.Identity())
+                replace_module(model, name, nn.Identity())
         yield model
     finally:
         for name, original in reversed(swaps):
-            _replace(model, name, original)
+            replace_module(model, name, original)
 
 
 def pack_program(model: nn.Module, example_input: Any) -> Any:
@@ -177,13 +168,13 @@ def pack_program(model: nn.Module, example_input: Any) -> Any:
     # a batch of 1 would be specialised (export fixes dimensions of size 1): trace with two copies of the sample
     args = tuple(
         torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
-        for a in _cpu_args(example_input)
+        for a in cpu_args(example_input)
     )
     was_training = model.training
     model.eval()
     try:
         with _packed_in_place(model), torch.no_grad():
-            return torch.export.export(model, args, dynamic_shapes=_batch_dims(args))
+            return torch.export.export(model, args, dynamic_shapes=dynamic_dims(args))
     finally:
         model.train(was_training)
 
@@ -195,157 +186,6 @@ def save_packed(model: nn.Module, example_input: Any, path: Union[str, Path]) ->
     user's file paths) and no example inputs; its JSON entries are compressed (the tensors stay stored as is).
     """
     return save_program(pack_program(model, example_input), path)
-
-
-def save_program(program: Any, path: Union[str, Path]) -> Path:
-    """Save a ``torch.export`` program so that :func:`check_archive` accepts it: no per-node source traces, no
-    example inputs (pickled by ``torch.export.save``), JSON entries compressed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for node in program.graph.nodes:
-        for key in ("stack_trace", "torch_fn", "source_fn_stack", "nn_module_stack"):
-            node.meta.pop(key, None)
-    program.example_inputs = None
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w") as target:
-        for info in source.infolist():
-            deflate = info.filename.endswith(".json")
-            target.writestr(info.filename, source.read(info), zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
-    return path
-
-
-_ENTRY = re.compile(
-    r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
-    r"|data/weights/(model_weights_config\.json|weight_\d+)|data/constants/(model_constants_config\.json|tensor_\d+)"
-    r"|data/sample_inputs/model\.pt)"
-)
-
-
-def check_archive(path: Union[str, Path], what: str = "a packed model") -> None:
-    """Refuse an archive that ``torch.export.load`` would unpickle from (pickled tensors or objects, example
-    inputs), or that holds anything else than one program's graph and raw tensors (e.g. compiled libraries).
-    ``what`` names the kind of file in the errors."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ExportError(f"{str(path)!r} is not {what} (a torch.export archive): {err}") from err
-    with archive:
-        names = archive.namelist()
-        if len(set(names)) != len(names):
-            raise ExportError(f"{str(path)!r}: repeated entry names are not allowed in {what}")
-        for info in archive.infolist():
-            if not _ENTRY.fullmatch(info.filename):
-                raise ExportError(f"{str(path)!r}: entry {info.filename!r} is not allowed in {what}")
-            if info.file_size > 64 * info.compress_size + (1 << 20):
-                raise ExportError(f"{str(path)!r}: entry {info.filename!r} expands {info.file_size} bytes, not allowed")
-        for name in names:
-            if name.endswith("_config.json"):
-                config = json.loads(archive.read(name))
-                entries = config.get("config") if isinstance(config, dict) else None
-                if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
-                    raise ExportError(f"{str(path)!r}: {name!r} is not a tensor index, which is not allowed")
-                for key, entry in entries.items():
-                    if entry.get("use_pickle", True) is not False or not str(entry.get("path_name", "")).startswith(
-                        ("weight_", "tensor_")
-                    ):
-                        raise ExportError(f"{str(path)!r}: {key!r} is a pickled object, which is not allowed")
-            elif name.endswith(".pt") and archive.getinfo(name).file_size:  # save_packed leaves it empty
-                raise ExportError(f"{str(path)!r}: {name!r} holds pickled objects, which are not allowed")
-            elif name.endswith("models/model.json"):
-                for expr in _shape_expressions(json.loads(archive.read(name))):
-                    if not _is_shape_expression(expr):
-                        raise ExportError(f"{str(path)!r}: shape expression {expr[:80]!r} is not allowed in {what}")
-
-
-# torch.export.load evaluates each symbolic shape's ``expr_str`` with sympy.sympify, i.e. Python's eval: only
-# sympy's own srepr of integer shape arithmetic is let through (these names, quoted symbol names, numbers).
-_SHAPE_NAMES = frozenset(
-    {
-        "Symbol",
-        "Integer",
-        "Rational",
-        "Mul",
-        "Add",
-        "Pow",
-        "Mod",
-        "Max",
-        "Min",
-        "Abs",
-        "FloorDiv",
-        "CeilDiv",
-        "CleanDiv",
-        "PythonMod",
-        "IntTrueDiv",
-        "FloatTrueDiv",
-        "PowByNatural",
-        "ModularIndexing",
-        "TruncToInt",
-        "RoundToInt",
-        "FloorToInt",
-        "CeilToInt",
-        "ToFloat",
-        "Eq",
-        "Ne",
-        "Lt",
-        "Le",
-        "Gt",
-        "Ge",
-        "And",
-        "Or",
-        "Not",
-        "true",
-        "false",
-        "True",
-        "False",
-        "positive",
-        "integer",
-        "nonnegative",
-        "negative",
-        "real",
-        "finite",
-    }
-)
-_QUOTED_SYMBOL = re.compile(r"'[A-Za-z]{1,8}\d{0,9}'")
-_SHAPE_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
-
-
-def _shape_expressions(node: Any) -> Iterator[str]:
-    """Every ``expr_str`` in a serialized program's JSON, at any depth."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key == "expr_str":
-                    yield value if isinstance(value, str) else repr(value)
-                else:
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def _is_shape_expression(expr: str) -> bool:
-    """True for sympy srepr text of shape arithmetic (``Mul(Symbol('s0', positive=True, integer=True), ...)``)."""
-    if len(expr) > 10_000 or "__" in expr:
-        return False
-    bare = _QUOTED_SYMBOL.sub("0", expr)
-    if not re.fullmatch(r"[\w\s(),=+\-*/]*", bare):
-        return False
-    return all(word in _SHAPE_NAMES or re.fullmatch(r"[su]\d+", word) for word in _SHAPE_IDENTIFIER.findall(bare))
-
-
-def check_ops(
-    program: Any, path: Union[str, Path], namespaces: tuple[str, ...] = ("aten",), what: str = "a packed model"
-) -> None:
-    """Refuse a loaded program whose graph calls anything but operators of ``namespaces`` and Python's ``operator``."""
-    for node in program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        target = node.target
-        known = isinstance(target, torch._ops.OpOverload) and target.namespace in namespaces
-        if not known and getattr(target, "__module__", None) != "_operator":
-            raise ExportError(f"{str(path)!r}: the graph calls {target!r}, which is not allowed in {what}")
 
 
 def load_packed(path: Union[str, Path]) -> nn.Module:
