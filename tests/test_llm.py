@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from lightning_quant import PostTrainingQuantization, export, load_recipe
 from lightning_quant.nn import quantize_model
 from lightning_quant.ptq import PTQConfig, calibrate, finalize, set_quant_state
-from lightning_quant.ptq.gptq import gptq_quantize, transformer_units
+from lightning_quant.ptq.blocks import transformer_units
+from lightning_quant.ptq.gptq import gptq_quantize
 from lightning_quant.ptq.normtweak import channel_stats_loss, norm_layers
 from lightning_quant.quantizers import DynamicQuantizer, QuantizerConfig
 from lightning_quant.recipes import RecipeError
@@ -269,7 +270,7 @@ def test_quantized_conv1d_computes_what_the_float_conv1d_computes_and_exports(tm
 
 
 def test_generated_calibration_data_starts_greedy_then_samples():
-    from lightning_quant.ptq.normtweak import find_causal_lm, generate_calibration_data
+    from lightning_quant.ptq.calibration_data import find_causal_lm, generate_calibration_data
 
     model = _tiny_gpt2()
     assert find_causal_lm(_tiny_bert()) is None

@@ -25,8 +25,17 @@ from lightning_quant.callbacks.base import (
 )
 from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
 from lightning_quant.nn import QuantizationReport
-from lightning_quant.ptq import ALGORITHMS, BlockOptions, Step, calibrate, finalize, set_quant_state
-from lightning_quant.ptq.normtweak import find_causal_lm, generate_calibration_data
+from lightning_quant.ptq import (
+    ALGORITHMS,
+    BlockOptions,
+    ProgressReport,
+    calibrate,
+    finalize,
+    find_causal_lm,
+    generate_calibration_data,
+    quant_state,
+    set_modes,
+)
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.recipes import Recipe, override_list
 
@@ -159,12 +168,10 @@ class PostTrainingQuantization(RecipeCallback):
             )
         self.prepare(pl_module)
         if not self.calibrated:
-            set_quant_state(pl_module, weights=False, activations=False)  # float until calibrated
+            set_modes(pl_module, fake_quant=False)  # float until calibrated
 
     def _set_active(self, pl_module: pl.LightningModule, active: bool) -> None:
-        set_quant_state(pl_module, weights=active, activations=active)
-        for q in _quantizers(pl_module):
-            q.observer_enabled = False
+        set_modes(pl_module, fake_quant=active, observe=False)
 
     # -- the post-training run -----------------------------------------------------------------------------
     def _generated_batches(self, pl_module: pl.LightningModule) -> Optional[list[Any]]:
@@ -273,7 +280,7 @@ class PostTrainingQuantization(RecipeCallback):
             if trainer.is_global_zero:
                 bar = tqdm(disable=not show, desc="lightning-quant", leave=False)
 
-                def progress(step: Step) -> None:
+                def progress(step: ProgressReport) -> None:
                     bar.set_description(
                         f"{progress_label(ptq.algorithm, step.stage)}: {step.index + 1}/{step.total} {step.unit}"
                     )
@@ -334,11 +341,9 @@ class PostTrainingQuantization(RecipeCallback):
         handle, self._compare_handle = self._compare_handle, None
         handle.remove()  # the float pass must not call this hook again
         try:
-            set_quant_state(module, weights=False, activations=False)
-            with torch.no_grad():
+            with quant_state(module, fake_quant=False), torch.no_grad():
                 ref = module(*args, **kwargs)
         finally:
-            set_quant_state(module, weights=True, activations=True)
             self._compare_handle = module.register_forward_hook(self._compare, with_kwargs=True)
         agree = float((ref.argmax(-1) == output.argmax(-1)).float().mean()) if output.dim() >= 2 else float("nan")
         self._agreement.append((sqnr_db(ref.detach(), output.detach()), agree))

@@ -14,6 +14,7 @@ from lightning_quant.callbacks.base import RecipeCallback, _quantizers, batch_he
 from lightning_quant.callbacks.diagnostics import ActivationRecorder, log_metrics, log_plots, weight_metrics
 from lightning_quant.nn import quantized_layers, set_bn_frozen
 from lightning_quant.quantizers import ObserverQuantizer
+from lightning_quant.quantizers.modes import set_modes
 from lightning_quant.recipes import Recipe
 
 
@@ -108,9 +109,7 @@ class QuantizationAwareTraining(RecipeCallback):
 
     @staticmethod
     def _set_flags(model: torch.nn.Module, enabled: bool, observing: bool) -> None:
-        for q in _quantizers(model):
-            q.fake_quant_enabled = enabled
-            q.observer_enabled = observing
+        set_modes(model, fake_quant=enabled, observe=observing)
 
     @override
     def on_train_batch_start(

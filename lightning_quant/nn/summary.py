@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
 from lightning_quant.nn.report import clean_name, format_table
+from lightning_quant.quantizers.modes import quant_state
 
 _FLOAT_BITS = 32
 
@@ -220,14 +221,10 @@ def summarize(
         )
         for m in modules.values()
     ]
-    quantizers = [q for q in model.modules() if hasattr(q, "fake_quant_enabled")]
-    saved = [(q, q.fake_quant_enabled) for q in quantizers]
     was_training = model.training
     try:
-        for q in quantizers:
-            q.fake_quant_enabled = False
         model.eval()
-        with torch.no_grad():
+        with quant_state(model, fake_quant=False), torch.no_grad():
             if forward is not None:
                 forward()
             elif isinstance(example_input, dict):
@@ -239,7 +236,5 @@ def summarize(
     finally:
         for h in hooks:
             h.remove()
-        for q, flag in saved:
-            q.fake_quant_enabled = flag
         model.train(was_training)
     return summary

@@ -23,11 +23,13 @@ from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer, is_linear
 from lightning_quant.ptq.capture import RunBatch, capture
-from lightning_quant.ptq.reconstruction import Progress, Step, eval_then_quantized, set_quant_state
+from lightning_quant.ptq.progress import Progress, ProgressReport
+from lightning_quant.ptq.reconstruction import eval_then_quantized
 from lightning_quant.ptq.registry import register_algorithm
 from lightning_quant.ptq.settings import PTQConfig
 from lightning_quant.ptq.units import find_units
 from lightning_quant.quantizers import ObserverQuantizer
+from lightning_quant.quantizers.modes import quant_state, set_modes
 from lightning_quant.registry import OptionError
 
 MAX_ROWS = 15000  # sampled input rows (patches) per layer, as in the paper's code
@@ -143,11 +145,10 @@ def bitsplit(
                     stacklevel=2,
                 )
                 continue
-            set_quant_state(model, weights=True, activations=True)
+            set_modes(model, fake_quant=True)
             q_in, _ = capture(unit, batches, run_batch, outputs=False, limit_mb=cfg.cache_limit_mb)
-            set_quant_state(model, weights=False, activations=False)
-            fp_in, _ = capture(unit, batches, run_batch, outputs=False, limit_mb=cfg.cache_limit_mb)
-            set_quant_state(model, weights=True, activations=True)
+            with quant_state(model, fake_quant=False):
+                fp_in, _ = capture(unit, batches, run_batch, outputs=False, limit_mb=cfg.cache_limit_mb)
             with torch.no_grad():
                 xq = layer.quantized_input(q_in)
                 rows_q, rows_fp = _rows(layer, xq), _rows(layer, fp_in)
@@ -170,5 +171,5 @@ def bitsplit(
                 after = float((target - rows_q @ (alpha[:, None] * codes).T).pow(2).mean())
             curves[unit.name] = [before, after]
             if progress is not None:
-                progress(Step("bitsplit", unit.name, index, len(units), 1, 1, after))
+                progress(ProgressReport("bitsplit", unit.name, index, len(units), 1, 1, after))
     return curves

@@ -23,13 +23,16 @@ import torch
 from torch import nn
 
 from lightning_quant.nn.modules import QuantizedLayer, is_linear, linear_in_features
+from lightning_quant.ptq.blocks import transformer_units
 from lightning_quant.ptq.capture import Call, RunBatch, _stop_hook, record_calls, run_until_stop
-from lightning_quant.ptq.reconstruction import Progress, Step, eval_then_quantized
+from lightning_quant.ptq.progress import Progress, ProgressReport
+from lightning_quant.ptq.reconstruction import eval_then_quantized
 from lightning_quant.ptq.registry import register_algorithm
 from lightning_quant.ptq.settings import BlockOptions, PTQConfig
-from lightning_quant.ptq.units import Unit, find_units
+from lightning_quant.ptq.units import Unit
 from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.quantizers.functional import qparams_from_range
+from lightning_quant.quantizers.modes import quant_state
 from lightning_quant.registry import OptionError
 
 
@@ -174,22 +177,19 @@ def gptq_unit(
     targets = [(layer, q) for layer in unit.layers() if (q := _supported(layer, names.get(id(layer), "?"))) is not None]
     if not targets:
         return {}
-    for _, q in targets:
-        q.fake_quant_enabled = False  # the block's own layers run in float while their Hessians are gathered
     accumulators = [HessianAccumulator(layer) for layer, _ in targets]
-
     handles = [unit.modules[-1].register_forward_hook(_stop_hook)]
     if calls is not None:
         handles.append(record_calls(unit.modules[0], calls))
-    try:
-        with torch.no_grad():
-            run_until_stop(batches, run_batch)
-    finally:
-        for h in handles:
-            h.remove()
-        hessians = [a.result() for a in accumulators]
-        for _, q in targets:
-            q.fake_quant_enabled = True
+    # the block's own layers run in float while their Hessians are gathered
+    with quant_state([q for _, q in targets], fake_quant=False):
+        try:
+            with torch.no_grad():
+                run_until_stop(batches, run_batch)
+        finally:
+            for h in handles:
+                h.remove()
+            hessians = [a.result() for a in accumulators]
     errors: dict[str, float] = {}
     for (layer, q), hessian in zip(targets, hessians):
         opts: GPTQOptions = cfg.options
@@ -198,22 +198,6 @@ def gptq_unit(
         q.set_codes(codes)  # type: ignore[union-attr]
         errors[names.get(id(layer), "?")] = err
     return errors
-
-
-def transformer_units(model: nn.Module, cfg: PTQConfig) -> list[Unit]:
-    """Blocks for LLM methods: the children of the options' ``blocks`` (a module name) if set, else found."""
-    blocks = cfg.options.blocks if isinstance(cfg.options, BlockOptions) else None
-    if blocks is None:
-        return find_units(model, blocks=True)
-    try:
-        holder = model.get_submodule(blocks)
-    except AttributeError as err:
-        raise ValueError(f"ptq.blocks={blocks!r}: the model has no such module") from err
-    inside = {id(m) for m in holder.modules()}
-    units = [Unit(f"{blocks}.{name}", [child]) for name, child in holder.named_children()]
-    units += [u for u in find_units(model, blocks=False) if id(u.modules[0]) not in inside]
-    order = {id(m): i for i, m in enumerate(model.modules())}
-    return sorted(units, key=lambda u: order[id(u.modules[0])])
 
 
 @register_algorithm("gptq", options=GPTQOptions)
@@ -228,5 +212,5 @@ def gptq(
             errors = gptq_unit(model, unit, batches, run_batch, cfg)
             curves.update({k: [v] for k, v in errors.items()})
             if progress is not None:
-                progress(Step("gptq", unit.name, index, len(units), 1, 1, sum(errors.values())))
+                progress(ProgressReport("gptq", unit.name, index, len(units), 1, 1, sum(errors.values())))
     return curves

@@ -10,19 +10,36 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lightning_quant.ptq.capture import RunBatch, UnitSignatureError, capture
+from lightning_quant.ptq.progress import Progress, ProgressReport
 from lightning_quant.ptq.settings import PTQConfig
 from lightning_quant.ptq.units import Unit, find_units
-from lightning_quant.quantizers import ObserverQuantizer, Quantizer
+from lightning_quant.quantizers import ObserverQuantizer
 from lightning_quant.quantizers.adaround import AdaRound
+from lightning_quant.quantizers.attachment import ReconstructionState
+from lightning_quant.quantizers.modes import quant_state, quantizers_of, set_modes, set_quant_state
 from lightning_quant.registry import OptionError
+
+__all__ = [  # Progress, ProgressReport and set_quant_state are imported from here by the algorithm files
+    "ActivationStepOptions",
+    "Progress",
+    "ProgressReport",
+    "ReconstructionOptions",
+    "calibrate",
+    "eval_then_quantized",
+    "finalize",
+    "reconstruct",
+    "set_quant_state",
+    "split_units",
+]
 
 
 @dataclass
@@ -60,32 +77,6 @@ class ActivationStepOptions(ReconstructionOptions):
             raise OptionError("act_lr", self.act_lr, "must be positive")
 
 
-@dataclass
-class Step:
-    """One progress report: ``stage`` ('weights', 'activations', 'joint', 'bitsplit'), unit i of n, iteration."""
-
-    stage: str
-    unit: str
-    index: int
-    total: int
-    iteration: int
-    iterations: int
-    loss: float
-
-
-Progress = Callable[[Step], None]
-
-
-def _quantizers(model: nn.Module) -> list[Quantizer]:
-    return [m for m in model.modules() if isinstance(m, Quantizer)]
-
-
-def set_quant_state(model: nn.Module, weights: bool, activations: bool) -> None:
-    """Switch fake quantization of every weight quantizer and every activation (input or output) quantizer."""
-    for q in _quantizers(model):
-        q.fake_quant_enabled = weights if q.role == "weight" else activations
-
-
 @contextlib.contextmanager
 def eval_then_quantized(model: nn.Module) -> Iterator[None]:
     """Run an algorithm with ``model`` in eval mode; afterwards every quantizer is on and the mode restored."""
@@ -94,7 +85,7 @@ def eval_then_quantized(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        set_quant_state(model, weights=True, activations=True)
+        set_modes(model, fake_quant=True)
         model.train(was_training)
 
 
@@ -103,28 +94,22 @@ def calibrate(model: nn.Module, batches: Sequence[Any], run_batch: RunBatch) -> 
     """Set every quantizer's range from the calibration batches, with the model running in float.
 
     Weights are observed once, activations on every batch; then each observer settles its final
-    range (KL search, for instance). Quantization is left off; the caller switches it on.
+    range (KL search, for instance). Quantization and observation are left off; the caller switches
+    quantization on.
     """
-    quantizers = _quantizers(model)
+    quantizers = set_modes(model, fake_quant=False, observe=False, calibrate=False)  # the state it leaves
     for q in quantizers:
-        q.fake_quant_enabled = False
-        q.calibrating = True
-        q.observer_enabled = True
         observer = getattr(q, "observer", None)
         if q.role == "activation" and hasattr(observer, "deferred"):
             observer.deferred = True  # search once over all batches (MSE) instead of once per batch
-    try:
+    with quant_state(quantizers, observe=True, calibrate=True):
         for batch in batches:
             run_batch(batch)
-    finally:
-        for q in quantizers:
-            q.calibrating = False
-            q.observer_enabled = False
 
 
 def finalize(model: nn.Module) -> None:
     """End of calibration on every quantizer (after any DDP synchronisation of the statistics)."""
-    for q in _quantizers(model):
+    for q in quantizers_of(model):
         if isinstance(q, ObserverQuantizer):
             q.finalize_calibration()
 
@@ -154,6 +139,19 @@ def split_units(model: nn.Module, unit: Unit) -> list[Unit]:
     return found
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one :func:`reconstruct` call learns, the same for each unit (see its arguments)."""
+
+    stage: str
+    learn_weights: bool
+    learn_activations: bool
+    activations_on: bool
+    drop_prob: float
+    act_lr: float
+    iters: int
+
+
 def reconstruct(
     model: nn.Module,
     batches: Sequence[Any],
@@ -179,11 +177,19 @@ def reconstruct(
     float with this probability while the unit trains; the target is always the float output.
     """
     opts: ReconstructionOptions = cfg.options
-    iters = opts.iters if iters is None else iters
     if act_lr is None and isinstance(opts, ActivationStepOptions):
         act_lr = opts.act_lr
     if learn_activations and act_lr is None:
         raise ValueError(f"ptq.algorithm={cfg.algorithm!r}: learning activation steps needs act_lr")
+    plan = Plan(
+        stage,
+        learn_weights,
+        learn_activations,
+        activations_on,
+        drop_prob,
+        0.0 if act_lr is None else act_lr,
+        opts.iters if iters is None else iters,
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
     curves: dict[str, list[float]] = {}
     pending = find_units(model, blocks)
@@ -191,120 +197,158 @@ def reconstruct(
     with eval_then_quantized(model):
         while pending:
             unit = pending.pop(0)
+            report = partial(ProgressReport, stage, unit.name, index, index + 1 + len(pending))
             try:
-                curves[unit.name] = _reconstruct_unit(
-                    model,
-                    unit,
-                    batches,
-                    run_batch,
-                    cfg,
-                    stage=stage,
-                    index=index,
-                    total=index + 1 + len(pending),
-                    learn_weights=learn_weights,
-                    learn_activations=learn_activations,
-                    activations_on=activations_on,
-                    drop_prob=drop_prob,
-                    act_lr=0.0 if act_lr is None else act_lr,
-                    iters=iters,
-                    generator=generator,
-                    progress=progress,
-                )
-                index += 1
+                data = UnitData.capture(model, unit, batches, run_batch, cfg, plan.activations_on)
             except UnitSignatureError:
                 if len(unit.modules) == 1 and unit.layers() == unit.modules:
                     raise
                 pending = split_units(model, unit) + pending
+                continue
+            curves[unit.name] = _reconstruct_unit(unit, data, plan, cfg, generator, report, progress)
+            index += 1
     return curves
 
 
+@dataclass
+class UnitData:
+    """A unit's inputs in the quantized model and in the float model, and the float unit's output (the target)."""
+
+    q_in: torch.Tensor
+    fp_in: torch.Tensor
+    fp_out: torch.Tensor
+
+    @classmethod
+    def capture(
+        cls, model: nn.Module, unit: Unit, batches: Sequence[Any], run_batch: RunBatch, cfg: PTQConfig, acts: bool
+    ) -> UnitData:
+        """Run the calibration batches twice: quantized (activations as ``acts`` says), then in float."""
+        set_quant_state(model, weights=True, activations=acts)
+        q_in, _ = capture(unit, batches, run_batch, outputs=False, limit_mb=cfg.cache_limit_mb)
+        with quant_state(model, fake_quant=False):
+            fp_in, fp_out = capture(unit, batches, run_batch, outputs=True, limit_mb=cfg.cache_limit_mb)
+        assert fp_out is not None
+        return cls(q_in, fp_in, fp_out)
+
+    def sample(self, idx: torch.Tensor, drop_prob: float, generator: torch.Generator) -> torch.Tensor:
+        """The quantized inputs ``idx``; with ``drop_prob`` each element is the float one with that probability."""
+        x = self.q_in[idx].to(self.fp_out.device)
+        if drop_prob > 0:
+            keep_float = torch.rand(x.shape, generator=generator) < drop_prob
+            x = torch.where(keep_float.to(x.device), self.fp_in[idx].to(x.device), x)
+        return x
+
+
+class UnitTraining:
+    """What a unit learns (AdaRound rounding, activation steps), attached to its quantizers, and the optimisers.
+
+    Attaching gives each learning quantizer a :class:`ReconstructionState`; :meth:`release` hardens the
+    rounding into fixed codes, writes the learned steps back and removes every attachment.
+    """
+
+    def __init__(self, unit: Unit, plan: Plan, cfg: PTQConfig) -> None:
+        self.roundings: list[tuple[ObserverQuantizer, AdaRound]] = []
+        if plan.learn_weights:
+            for layer, q in unit.weight_quantizers():
+                if q.fake_quant_enabled:
+                    state = ReconstructionState()
+                    state.rounding = AdaRound(q, layer.weight_to_quantize()).to(q.scale.device)
+                    q.reconstruction = state
+                    self.roundings.append((q, state.rounding))
+        acts = [q for q in unit.activation_quantizers() if isinstance(q, ObserverQuantizer) and plan.activations_on]
+        self.activations: list[ObserverQuantizer] = acts
+        for q in acts:
+            state = ReconstructionState(plan.drop_prob)
+            if plan.learn_activations:
+                state.step = nn.Parameter(q.scale.detach().clone())
+            q.reconstruction = state
+            q.train()  # dropping is active in training mode only
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        if self.roundings:
+            self.optimizers.append(torch.optim.Adam([ada.alpha for _, ada in self.roundings], lr=cfg.options.weight_lr))
+        steps = [s.step for q in acts if (s := q.reconstruction) is not None and s.step is not None]
+        if steps:
+            opt_a = torch.optim.Adam(steps, lr=plan.act_lr)
+            self.optimizers.append(opt_a)
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=plan.iters, eta_min=0.0)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """AdaRound's rounding regulariser summed over the unit's layers."""
+        return sum(ada.regularizer(beta) for _, ada in self.roundings)  # type: ignore[return-value]
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimisation step of everything the unit learns."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    @torch.no_grad()
+    def release(self, harden: bool = True) -> None:
+        """Remove the attachments; with ``harden`` the learned rounding and steps are kept in the quantizers."""
+        for q, ada in self.roundings:
+            if harden:
+                q.set_codes(ada.hard_codes())
+            q.reconstruction = None
+        for q in self.activations:
+            state, q.reconstruction = q.reconstruction, None
+            q.eval()
+            if harden and state is not None and state.step is not None:
+                q.scale.copy_(state.step.detach().abs())
+
+
 def _reconstruct_unit(
-    model: nn.Module,
     unit: Unit,
-    batches: Sequence[Any],
-    run_batch: RunBatch,
+    data: UnitData,
+    plan: Plan,
     cfg: PTQConfig,
-    *,
-    stage: str,
-    index: int,
-    total: int,
-    learn_weights: bool,
-    learn_activations: bool,
-    activations_on: bool,
-    drop_prob: float,
-    act_lr: float,
-    iters: int,
     generator: torch.Generator,
+    report: partial[ProgressReport],
     progress: Optional[Progress],
 ) -> list[float]:
-    set_quant_state(model, weights=True, activations=activations_on)
-    q_in, _ = capture(unit, batches, run_batch, outputs=False, limit_mb=cfg.cache_limit_mb)
-    set_quant_state(model, weights=False, activations=False)
-    fp_in, fp_out = capture(unit, batches, run_batch, outputs=True, limit_mb=cfg.cache_limit_mb)
-    assert fp_out is not None
-    set_quant_state(model, weights=True, activations=activations_on)
-
-    rounding: list[tuple[ObserverQuantizer, AdaRound]] = []
-    if learn_weights:
-        for layer, q in unit.weight_quantizers():
-            if q.fake_quant_enabled:
-                ada = AdaRound(q, layer.weight_to_quantize()).to(q.scale.device)
-                q.rounding = ada
-                rounding.append((q, ada))
-    act_quantizers = [q for q in unit.activation_quantizers() if isinstance(q, ObserverQuantizer) and activations_on]
-    for q in act_quantizers:
-        q.drop_prob = drop_prob
-        q.train()  # dropping is active in training mode only
-        if learn_activations:
-            q.learn_scale(True)
-    params_w = [ada.alpha for _, ada in rounding]
-    params_a = [q.scale for q in act_quantizers if learn_activations]
-    optimizers: list[torch.optim.Optimizer] = []
-    scheduler = None
-    if params_w:
-        optimizers.append(torch.optim.Adam(params_w, lr=cfg.options.weight_lr))
-    if params_a:
-        opt_a = torch.optim.Adam(params_a, lr=act_lr)
-        optimizers.append(opt_a)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0.0)
-
+    """Train what ``plan`` says on one unit until its quantized output matches the float one; the loss curve."""
+    training = UnitTraining(unit, plan, cfg)
     curve: list[float] = []
-    n = q_in.shape[0]
-    report_every = max(1, iters // 100)
-    if optimizers:
-        for it in range(iters):
-            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator)
-            x = q_in[idx].to(fp_out.device)
-            if drop_prob > 0:
-                keep_float = torch.rand(x.shape, generator=generator) < drop_prob
-                x = torch.where(keep_float.to(x.device), fp_in[idx].to(x.device), x)
-            target = fp_out[idx].to(x.device)
-            loss = _loss(unit(x), target)
-            beta = _beta(cfg.options, it, iters)
-            if beta is not None and rounding:
-                loss = loss + cfg.options.reg_weight * sum(ada.regularizer(beta) for _, ada in rounding)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            if it % report_every == 0 or it == iters - 1:
-                curve.append(float(loss.detach()))
-                if progress is not None:
-                    progress(Step(stage, unit.name, index, total, it + 1, iters, curve[-1]))
-    with torch.no_grad():
-        for q, ada in rounding:
-            q.set_codes(ada.hard_codes())
-            q.rounding = None
-        for q in act_quantizers:
-            q.drop_prob = 0.0
-            q.eval()
-            if learn_activations:
-                q.learn_scale(False)
-                q.scale.abs_()
-    if not optimizers and progress is not None:
-        progress(Step(stage, unit.name, index, total, 0, 0, math.nan))
-    del q_in, fp_in, fp_out
+    try:
+        if training.optimizers:
+            curve = _train(unit, data, training, plan, cfg, generator, report, progress)
+    except BaseException:
+        training.release(harden=False)
+        raise
+    training.release()
+    if not training.optimizers and progress is not None:
+        progress(report(0, 0, math.nan))
+    return curve
+
+
+def _train(
+    unit: Unit,
+    data: UnitData,
+    training: UnitTraining,
+    plan: Plan,
+    cfg: PTQConfig,
+    generator: torch.Generator,
+    report: partial[ProgressReport],
+    progress: Optional[Progress],
+) -> list[float]:
+    """The optimisation loop: random minibatches of the cached inputs, the loss curve sampled ~100 times."""
+    curve: list[float] = []
+    n = data.q_in.shape[0]
+    report_every = max(1, plan.iters // 100)
+    for it in range(plan.iters):
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator)
+        x = data.sample(idx, plan.drop_prob, generator)
+        loss = _loss(unit(x), data.fp_out[idx].to(x.device))
+        beta = _beta(cfg.options, it, plan.iters)
+        if beta is not None and training.roundings:
+            loss = loss + cfg.options.reg_weight * training.regularizer(beta)
+        training.step(loss)
+        if it % report_every == 0 or it == plan.iters - 1:
+            curve.append(float(loss.detach()))
+            if progress is not None:
+                progress(report(it + 1, plan.iters, curve[-1]))
     return curve

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -10,12 +9,12 @@ import torch
 from torch import nn
 
 from lightning_quant.quantizers import _kernels as kernels
+from lightning_quant.quantizers.attachment import ReconstructionState
 from lightning_quant.quantizers.base import Quantizer, QuantizerConfig, Role, register_quantizer
 from lightning_quant.quantizers.finite import NonFiniteInputError, check_range, message
 from lightning_quant.quantizers.functional import (
     fake_quantize,
     qparams_from_range,
-    round_ste,
     tensor_aminmax,
 )
 from lightning_quant.quantizers.grid import ExportGrid, grid_for
@@ -46,11 +45,14 @@ class ObserverQuantizer(Quantizer):
     """Uniform affine fake quantization whose range comes from an observer (min-max, EMA, percentile, MSE).
 
     Weights are re-observed on every training step (their current range); activations accumulate as the
-    observer defines. Once ``observer_enabled`` is off the scale is frozen. Post-training quantization
-    adds three things: ``learn_scale(True)`` makes the step a parameter trained LSQ-style (BRECQ/QDrop),
-    ``drop_prob`` keeps a random part of the elements in float while training (QDrop), and ``set_codes``
-    fixes a weight's integer codes (AdaRound's learned rounding, Bit-Split's stitched planes), which are
-    then used instead of rounding the float weight. Example::
+    observer defines. Once ``observer_enabled`` is off the scale is frozen.
+
+    Fixed integer codes: ``set_codes`` fixes a weight's codes (the result of AdaRound, GPTQ or Bit-Split),
+    which are then used instead of rounding the float weight. They are the ``codes`` buffer (empty when
+    not fixed), saved in checkpoints under ``<quantizer>.codes`` and read by export through the quantized
+    weight. While a reconstruction trains a unit it attaches a
+    :class:`~lightning_quant.quantizers.attachment.ReconstructionState` (learned rounding or step, QDrop's
+    dropping) as ``reconstruction``, and removes it afterwards. Example::
 
         q = ObserverQuantizer(QuantizerConfig(bits=8, observer="ema"), role="activation")
         y = q(x)
@@ -72,23 +74,33 @@ class ObserverQuantizer(Quantizer):
         self.register_buffer("scale", torch.ones(num_groups))
         self.register_buffer("zero_point", torch.zeros(num_groups, dtype=torch.int32))
         self.register_buffer("codes", torch.zeros(0, dtype=torch.int8))  # fixed integer weight codes, if set
-        self.drop_prob = 0.0
-        self.rounding: Optional[nn.Module] = None  # AdaRound while it is being learned
+        self.reconstruction: Optional[ReconstructionState] = None  # attached while a reconstruction trains it
         self.observer.qualname = self.qualname
 
     def set_qualname(self, name: str) -> None:
         super().set_qualname(name)
         self.observer.qualname = name  # the observer checks the ranges it computes and names its quantizer
 
-    # -- post-training extras ------------------------------------------------------------------------------
-    def learn_scale(self, enable: bool) -> None:
-        """Turn the step into a trainable parameter (LSQ gradient) or back into a fixed buffer."""
-        value = self.scale.detach().clone()
-        del self.scale
-        if enable:
-            self.scale = nn.Parameter(value)
-        else:
-            self.register_buffer("scale", value)
+    # -- fixed codes and the reconstruction's attachment --------------------------------------------------------
+    @property
+    def rounding(self) -> Optional[nn.Module]:
+        """The learned rounding (AdaRound) of the attached reconstruction, if any (read-only view)."""
+        return None if self.reconstruction is None else self.reconstruction.rounding
+
+    @property
+    def drop_prob(self) -> float:
+        """QDrop's probability of keeping an element in float while training (0: none attached)."""
+        return 0.0 if self.reconstruction is None else self.reconstruction.drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        if self.reconstruction is None:
+            if value == 0:
+                return
+            self.reconstruction = ReconstructionState()
+        self.reconstruction.drop_prob = value
+        if self.reconstruction.is_empty():
+            self.reconstruction = None
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor) -> None:
@@ -131,14 +143,9 @@ class ObserverQuantizer(Quantizer):
         return super().forward(x)
 
     def _observer_ranges_only(self) -> bool:
-        """True for plain observer fake quantization (ranges from the observer alone): no learned step, fixed codes,
-        learned rounding or QDrop. Only then may the fused eager kernels replace the generic path."""
-        return (
-            self.rounding is None
-            and not self.codes.numel()
-            and not isinstance(self.scale, nn.Parameter)
-            and not (self.drop_prob > 0 and self.training)
-        )
+        """Plain observer fake quantization: no fixed codes, and nothing attached that changes the output."""
+        attached = self.reconstruction is not None and self.reconstruction.changes_output(self.training)
+        return not attached and not self.codes.numel()
 
     def _symmetric_rows(self) -> bool:
         """A weight quantized per output channel (axis 0), symmetric and signed, re-observed as plain min/max."""
@@ -224,33 +231,21 @@ class ObserverQuantizer(Quantizer):
             self.zero_point.copy_(zp)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rounding is not None:
-            return self.rounding(x)
+        if self.reconstruction is not None:
+            return self.reconstruction.quantize(self, x)
+        return self.own_quantize(x)
+
+    def own_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """This quantizer's own rule: the fixed codes if set, else nearest rounding on the grid."""
         if self.codes.numel():
             out = self.apply_rows(
                 self.codes.float(),
                 lambda c: (c - self.broadcast_per_group(self.zero_point, c)) * self.broadcast_per_group(self.scale, c),
             )
             return out.to(x.dtype)
-        if isinstance(self.scale, nn.Parameter):
-            out = self.apply_rows(x, self._learned_step)
-        else:
-            out = fake_quantize(
-                x, self.scale, self.zero_point, self.qmin, self.qmax, self.granularity, self.axis, self.group_size
-            )
-        if self.drop_prob > 0 and self.training:
-            keep_float = torch.rand_like(x) < self.drop_prob
-            out = torch.where(keep_float, x, out)
-        return out
-
-    def _learned_step(self, v: torch.Tensor) -> torch.Tensor:
-        """LSQ fake quantization with this quantizer's (fixed) zero point and a trainable step."""
-        per_step = v.numel() // self.num_groups if self.role == "weight" else v[0].numel()
-        g = 1.0 / math.sqrt(per_step * max(self.qmax, 1))
-        s = self.broadcast_per_group(self.scale, v)
-        s = s * g + (s - s * g).detach()  # gradient scaled by g, value unchanged
-        zp = self.broadcast_per_group(self.zero_point.float(), v)
-        return (torch.clamp(round_ste(v / s) + zp, self.qmin, self.qmax) - zp) * s
+        return fake_quantize(
+            x, self.scale, self.zero_point, self.qmin, self.qmax, self.granularity, self.axis, self.group_size
+        )
 
     def scale_values(self) -> torch.Tensor:
         return self.scale.detach()

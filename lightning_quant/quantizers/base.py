@@ -2,7 +2,8 @@
 
 A quantizer is an ``nn.Module`` that fake-quantizes one tensor (a layer's weight or its input). Its
 range state lives in buffers/parameters so that checkpoints carry it; whether it quantizes and whether it
-still learns its range from data are plain flags that the callbacks' schedules flip.
+still learns its range from data are plain flags, which code outside the quantizer classes sets through
+:mod:`lightning_quant.quantizers.modes` (``set_modes``, ``quant_state``).
 """
 
 from __future__ import annotations
