@@ -81,12 +81,15 @@ class Registry(Generic[H]):
     """Name -> :class:`Method`, filled by ``register`` decorators in the modules of ``package``.
 
     Every module of ``package`` is imported on the first lookup (not on registration), so a method is
-    found without being imported by hand anywhere.
+    found without being imported by hand anywhere. A higher layer whose methods bring their own quantizer (a
+    post-training algorithm with state of its own, such as AWQ's scales) adds its package with
+    :meth:`also_discover`, so the lower layer never imports the higher one by name.
     """
 
     def __init__(self, what: str, package: str) -> None:
         self.what = what  # "quantizer method", "post-training algorithm": used in messages
         self.package = package
+        self.packages = [package]
         self._methods: dict[str, Method[H]] = {}
         self._discovered = False
         self._discovering = False
@@ -111,14 +114,21 @@ class Registry(Generic[H]):
         self._discover()
         del self._methods[name]
 
+    def also_discover(self, package: str) -> None:
+        """Import the modules of ``package`` too on the next lookup (they register methods here)."""
+        if package not in self.packages:
+            self.packages.append(package)
+            self._discovered = False
+
     def _discover(self) -> None:
         if self._discovered or self._discovering:
             return
         self._discovering = True
         try:
-            package = importlib.import_module(self.package)
-            for info in pkgutil.iter_modules(package.__path__):
-                importlib.import_module(f"{self.package}.{info.name}")
+            for name in self.packages:
+                package = importlib.import_module(name)
+                for info in pkgutil.iter_modules(package.__path__):
+                    importlib.import_module(f"{name}.{info.name}")
             self._discovered = True
         finally:
             self._discovering = False

@@ -15,10 +15,12 @@ from torch import nn
 from lightning_quant.ptq.capture import RunBatch
 from lightning_quant.ptq.reconstruction import Progress
 from lightning_quant.ptq.settings import PTQConfig
+from lightning_quant.quantizers import QUANTIZERS
 from lightning_quant.registry import Registry
 
 Algorithm = Callable[[nn.Module, Sequence[Any], RunBatch, PTQConfig, Optional[Progress]], dict[str, list[float]]]
 ALGORITHMS: Registry[Algorithm] = Registry("post-training algorithm", "lightning_quant.ptq")
+QUANTIZERS.also_discover("lightning_quant.ptq")  # an algorithm may bring the quantizer its recipes name
 
 
 def register_algorithm(name: str, options: Optional[type] = None) -> Callable[[Algorithm], Algorithm]:

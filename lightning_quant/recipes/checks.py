@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from lightning_quant.nn.modules import TYPE_NAMES
 from lightning_quant.ptq import ALGORITHMS, PTQConfig
-from lightning_quant.quantizers import QUANTIZERS, QuantizerConfig
+from lightning_quant.quantizers import QUANTIZERS, ObserverQuantizer, QuantizerConfig
 from lightning_quant.recipes.kinds import KINDS, kind_note, validate_kind
 from lightning_quant.recipes.schema import Recipe, RecipeError, Where, check, refuse
 from lightning_quant.registry import OptionError, Registry, check_options
@@ -143,10 +143,12 @@ def _ptq_common(ptq: PTQConfig, where: Where) -> None:
 
 
 def _ptq_quantizers(recipe: Recipe, where: Where) -> None:
-    """Post-training quantization calibrates observer grids (or quantizes activations dynamically)."""
+    """Post-training quantization calibrates observer grids (or quantizes activations dynamically); a method
+    whose quantizer extends the observer's (AWQ's scaled grid) calibrates the same way."""
+    fixed = tuple(name for name in QUANTIZERS.names() if issubclass(QUANTIZERS[name].handler, ObserverQuantizer))
     for key, cfg, allowed in (
-        ("weights", recipe.weights, ("observer",)),
-        ("activations", recipe.activations, ("observer", "dynamic")),
+        ("weights", recipe.weights, fixed),
+        ("activations", recipe.activations, (*fixed, "dynamic")),
     ):
         check(
             cfg.method in allowed,
