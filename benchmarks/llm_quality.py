@@ -1,4 +1,4 @@
-"""Weight-only PTQ of a real pretrained transformer: RTN, GPTQ and Norm Tweaking on all-MiniLM-L6-v2.
+"""Weight-only PTQ of a real pretrained transformer: RTN, GPTQ, AWQ and Norm Tweaking on all-MiniLM-L6-v2.
 
 Calibration: ``--samples`` segments of 128 tokens cut from docstrings of one set of standard-library
 modules (which segments: chosen by the seed). Evaluation: up to 256 docstrings of a disjoint set of
@@ -7,7 +7,8 @@ are compared with the float model's: mean cosine similarity, and the Spearman co
 two models' pairwise-similarity matrices (what a retrieval or clustering user sees). Every method runs in
 its own subprocess so that its wall time and peak resident memory are its own.
 
-    python benchmarks/llm_quality.py [--seeds 0 1 2] [--configs w4g128 w3g128 w2g64 w8a8] [--threads 2]
+    python benchmarks/llm_quality.py [--seeds 0 1 2] [--configs w4g128 w3g128 w2g64 w8a8] [--methods RTN GPTQ AWQ]
+        [--samples 128] [--threads 2]
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ import warnings
 
 # method -> (recipe, extra overrides) per configuration
 CONFIGS = {
-    "w4g128": {"RTN": ("rtn_w4g128", []), "GPTQ": ("gptq_w4g128", []), "Norm Tweaking": ("normtweak_w4g128", [])},
+    "w4g128": {
+        "RTN": ("rtn_w4g128", []),
+        "GPTQ": ("gptq_w4g128", []),
+        "AWQ": ("awq_w4g128", []),
+        "Norm Tweaking": ("normtweak_w4g128", []),
+    },
     "w3g128": {
         "RTN": ("rtn_w4g128", ["weights.bits=3"]),
         "GPTQ": ("gptq_w3g128", []),
+        "AWQ": ("awq_w4g128", ["weights.bits=3"]),
         "Norm Tweaking": ("normtweak_w3g128", []),
     },
     "w2g64": {
         "RTN": ("rtn_w4g128", ["weights.bits=2", "weights.group_size=64"]),
         "GPTQ": ("gptq_w2g64", []),
+        "AWQ": ("awq_w4g128", ["weights.bits=2", "weights.group_size=64"]),
         "Norm Tweaking": ("normtweak_w4g128", ["weights.bits=2", "weights.group_size=64"]),
     },
     "w8a8": {"W8A8 dynamic": ("w8a8_dynamic", [])},
@@ -90,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    methods = sorted({m for config in CONFIGS.values() for m in config})
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods, help="default: all")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -112,6 +122,8 @@ def main() -> None:
     rows = []
     for config in args.configs:
         for method, (recipe, overrides) in CONFIGS[config].items():
+            if method not in args.methods:
+                continue
             results = []
             for seed in args.seeds:
                 cmd = [sys.executable, __file__, "--samples", str(args.samples), "--threads", str(args.threads)]
@@ -123,6 +135,9 @@ def main() -> None:
                 results.append(json.loads(line[0][7:]))
                 print(f"  {config} {method} seed {seed}: {results[-1]}", file=sys.stderr, flush=True)
             rows.append((config, method, results))
+
+    if not rows:
+        sys.exit(f"none of --methods {args.methods} is in --configs {args.configs}")
 
     def ms(key: str, res: list[dict], fmt: str) -> str:
         vals = [r[key] for r in res]
