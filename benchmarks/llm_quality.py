@@ -45,7 +45,11 @@ CONFIGS = {
         "AWQ": ("awq_w4g128", ["weights.bits=2", "weights.group_size=64"]),
         "Norm Tweaking": ("normtweak_w4g128", ["weights.bits=2", "weights.group_size=64"]),
     },
-    "w8a8": {"W8A8 dynamic": ("w8a8_dynamic", [])},
+    "w8a8": {
+        "W8A8 dynamic": ("w8a8_dynamic", []),
+        "W8A8 static": ("smoothquant_w8a8", ["ptq.algorithm=none"]),  # SmoothQuant's grids without smoothing
+        "SmoothQuant W8A8": ("smoothquant_w8a8", []),
+    },
 }
 
 
