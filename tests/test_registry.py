@@ -41,12 +41,19 @@ def test_a_key_of_another_method_is_refused_naming_key_and_method(recipe, overri
     assert str(err.value).startswith(str(Path(load_recipe(recipe).source)))
 
 
-def test_a_refused_key_lists_what_the_method_takes_and_where_the_method_was_set():
+def test_changing_the_method_drops_the_keys_of_the_method_it_replaces_but_refuses_new_ones():
+    """A base recipe's observer keys belonged to the observer: ``weights.method=lsq`` replaces them. A key given
+    with or after the new method is the user's and must apply to it."""
+    recipe = load_recipe("minmax_w8a8", ["weights.method=lsq"])
+    assert recipe.weights.method == "lsq" and recipe.weights.options == LSQOptions()
+    assert load_recipe({"base": "pact_w4a4", "activations": {"method": "observer"}}).activations.method == "observer"
     with pytest.raises(RecipeError) as err:
-        load_recipe("minmax_w8a8", ["weights.method=lsq"])  # the base file's observer keys do not apply to lsq
+        load_recipe("minmax_w8a8", ["weights.method=lsq", "weights.observer=ema"])
     msg = str(err.value)
-    assert "minmax_w8a8.yaml: weights.observer='minmax' does not apply to weights.method='lsq'" in msg
-    assert "override 'weights.method=lsq'" in msg and "lsq takes: learn_offset" in msg
+    assert "override 'weights.observer=ema': weights.observer='ema' does not apply to weights.method='lsq'" in msg
+    assert "(set in " in msg and "override 'weights.method=lsq'" in msg and "lsq takes: learn_offset" in msg
+    with pytest.raises(RecipeError, match=r"weights\.clip_init=3\.0 does not apply to weights\.method='lsq'"):
+        load_recipe({"base": "minmax_w8a8", "weights": {"clip_init": 3.0, "method": "lsq"}})  # one source: refused
 
 
 @pytest.mark.parametrize(

@@ -159,11 +159,18 @@ def _method_section(tp: type, value: dict[str, Any], path: str, where: Where, de
             changes[key] = to_typed(types[key], item, join(path, key), where, getattr(base, key))
         elif key in method.option_names():
             option_values[key] = item
-        else:
+        elif not _dropped_by_method_change(join(path, key), join(path, selector), where):
             raise _not_of_method(key, item, path, selector, name, registry, common, where)
     start = base.options if name == base_name else method.options()
     options = to_typed(method.options, option_values, path, where, start)
     return dataclasses.replace(base, **changes, options=options)
+
+
+def _dropped_by_method_change(key_path: str, method_path: str, where: Where) -> bool:
+    """A key set by an earlier source than the method (a base recipe's ``weights.observer`` when an override says
+    ``weights.method=lsq``) belonged to the method it replaced: it is dropped, not refused."""
+    set_before = getattr(where, "set_before", None)
+    return bool(set_before and set_before(key_path, method_path))
 
 
 def _not_of_method(

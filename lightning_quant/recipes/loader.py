@@ -97,6 +97,8 @@ class _Origins:
     def __init__(self, default: str) -> None:
         self.default = default
         self.by_path: dict[str, str] = {}
+        self.order: dict[str, int] = {}  # key path -> when it was last set (for keys a later method change drops)
+        self.clock = 0
 
     def __call__(self, path: str) -> str:
         while path:
@@ -112,8 +114,17 @@ class _Origins:
                 del self.by_path[key]
         self._walk(path, value, label)
 
+    def set_before(self, key: str, other: str) -> bool:
+        """True when ``key`` was set by an earlier source than the one that last set ``other`` (a base recipe's
+        observer keys, say, before an override changed ``weights.method``)."""
+        if key not in self.order or other not in self.order:
+            return False
+        return self(key) != self(other) and self.order[key] < self.order[other]
+
     def _walk(self, path: str, value: Any, label: str) -> None:
         self.by_path[path] = label
+        self.clock += 1
+        self.order[path] = self.clock
         if isinstance(value, dict):
             for k, v in value.items():
                 self._walk(join(path, k), v, label)
