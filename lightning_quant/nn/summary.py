@@ -225,7 +225,7 @@ def summarize(
     was_training = model.training
     try:
         for q in quantizers:
-            q.fake_quant_enabled = False
+            setattr(q, "fake_quant_enabled", False)  # any module with the flag (typed as a Module)
         model.eval()
         with torch.no_grad():
             if forward is not None:
