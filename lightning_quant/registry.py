@@ -57,7 +57,7 @@ class Method(Generic[H]):
 
     name: str
     handler: H  # a Quantizer subclass, or an algorithm function
-    options: type  # the options dataclass (NoOptions when the method has none)
+    options: type[Any]  # the options dataclass (NoOptions when the method has none)
     file: str  # source file of ``handler``: recipe -> method name -> this file
 
     def option_names(self) -> list[str]:

@@ -228,8 +228,9 @@ class RecipeCallback(Callback):
         if self.export_path is None or not trainer.is_global_zero:
             return
         example = self.export_example(pl_module, batch)
-        if example is None and trainer.datamodule is not None:  # no batch seen in this run (e.g. resumed at the end)
-            example = self.export_example(pl_module, next(iter(trainer.datamodule.train_dataloader())))
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
+        if example is None and datamodule is not None:  # no batch seen in this run (e.g. resumed at the end)
+            example = self.export_example(pl_module, next(iter(datamodule.train_dataloader())))
         if example is None:
             raise MisconfigurationException(
                 "lightning-quant: export needs a tensor example input; set `example_input_array` on the LightningModule"

@@ -163,7 +163,7 @@ class Binarization(QuantizationAwareTraining):
             self._finish_watch()
         with torch.no_grad():
             for _, layer in self._binary_layers(pl_module):
-                if type(layer.weight_quantizer).clip_latent:
+                if isinstance(layer.weight_quantizer, BinaryQuantizer) and type(layer.weight_quantizer).clip_latent:
                     layer.weight.clamp_(-1.0, 1.0)  # BinaryConnect/BNN keep latent weights in [-1, 1]
 
     @override

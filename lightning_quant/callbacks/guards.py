@@ -30,7 +30,9 @@ def describe(callback: Callback) -> str:
 def check_only_quantization_callback(trainer: pl.Trainer, callback: Callback) -> None:
     """Refuse a Trainer that holds ``callback`` and another lightning-quant callback: the second would be ignored
     (layers already swapped) or fight the first over the same quantizers."""
-    others = [c for c in trainer.callbacks if c is not callback and getattr(c, "quantizes_model", False)]
+    # Trainer.callbacks is set by Lightning's CallbackConnector and not declared on the class
+    found = trainer.callbacks  # type: ignore[attr-defined]
+    others = [c for c in found if c is not callback and getattr(c, "quantizes_model", False)]
     if others:
         raise MisconfigurationException(
             f"lightning-quant: this Trainer holds two quantization callbacks, {describe(callback)} and "
@@ -47,7 +49,7 @@ def run_checkpoint_hook_after_writers(trainer: pl.Trainer, callback: Callback) -
     back, and the file would no longer load into the plain class. The callback list is replaced, not changed in
     place, because Lightning may be iterating it; checkpoint callbacks keep their place at the end.
     """
-    callbacks = list(trainer.callbacks)
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
     mine = callbacks.index(callback)
     writers = [
         i
@@ -57,7 +59,7 @@ def run_checkpoint_hook_after_writers(trainer: pl.Trainer, callback: Callback) -
     if writers:
         callbacks.insert(writers[-1] + 1, callback)
         del callbacks[mine]
-        trainer.callbacks = callbacks
+        trainer.callbacks = callbacks  # type: ignore[attr-defined]
 
 
 def check_export_target(recipe: Recipe, path: str, format: str) -> None:

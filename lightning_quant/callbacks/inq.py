@@ -17,7 +17,7 @@ its gradient since the last stage, plus ``error_weight`` times its squared appro
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -70,6 +70,11 @@ def loss_aware_score(
     change = grad * step
     error = step * step
     return change / change.abs().mean().clamp_min(1e-12) + error_weight * error / error.mean().clamp_min(1e-12)
+
+
+def layer_weight(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` as the tensor it is: INQ selects only layers surgery can swap, each with a weight tensor."""
+    return cast(torch.Tensor, layer.weight)
 
 
 class IncrementalQuantization(RecipeCallback):
@@ -139,9 +144,9 @@ class IncrementalQuantization(RecipeCallback):
                 self._warned.add(msg)
                 rank_zero_warn(msg)
         for name, (layer, _) in self._selected.items():
-            if id(layer.weight) not in self._hooked:
-                layer.weight.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
-                self._hooked.add(id(layer.weight))
+            if id(layer_weight(layer)) not in self._hooked:
+                layer_weight(layer).register_hook(lambda grad, name=name: self._mask_grad(name, grad))
+                self._hooked.add(id(layer_weight(layer)))
 
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         if self.recipe.inq.partition == "loss_aware":  # running mean of the gradient since the last stage
@@ -176,7 +181,7 @@ class IncrementalQuantization(RecipeCallback):
         inq = self.recipe.inq
         generator = torch.Generator().manual_seed(inq.seed + stage)
         for name, (layer, bits) in self.select(pl_module).items():
-            w = layer.weight.data
+            w = layer_weight(layer).data
             q = self.quantize_values(name, w, bits)
             mask = self.masks.get(name, torch.zeros_like(w, dtype=torch.bool))
             target = round(inq.portions[stage] * w.numel())
@@ -221,7 +226,7 @@ class IncrementalQuantization(RecipeCallback):
             for name, (layer, _) in self._selected.items():
                 mask = self.masks.get(name)
                 if mask is not None:
-                    layer.weight.data[mask] = self.frozen[name][mask]
+                    layer_weight(layer).data[mask] = self.frozen[name][mask]
 
     def quantized_fraction(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
@@ -260,8 +265,8 @@ class IncrementalQuantization(RecipeCallback):
         self._check_fingerprint(state_dict.get("fingerprint"), state_dict.get("recipe", ""))
         self._check_levels(state_dict.get("levels"), state_dict.get("recipe", ""))
         self.stage = int(state_dict["stage"])
-        self.exponents = {k: tuple(v) for k, v in state_dict["exponents"].items()}  # type: ignore[misc]
-        self.ternary = {k: tuple(v) for k, v in state_dict.get("ternary", {}).items()}  # type: ignore[misc]
+        self.exponents = {k: tuple(v) for k, v in state_dict["exponents"].items()}
+        self.ternary = {k: tuple(v) for k, v in state_dict.get("ternary", {}).items()}
         self.masks = dict(state_dict["masks"])
         self.frozen = dict(state_dict["frozen"])
 

@@ -205,7 +205,8 @@ class PostTrainingQuantization(RecipeCallback):
         self.calibration_source = "given"
         if source is None:
             self.calibration_source = "val" if ptq.dataloader == "val" else "train"
-            holder = trainer.datamodule if trainer.datamodule is not None else pl_module
+            datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
+            holder = datamodule if datamodule is not None else pl_module
             name = "val_dataloader" if ptq.dataloader == "val" else "train_dataloader"
             try:
                 source = getattr(holder, name)()
@@ -303,6 +304,7 @@ class PostTrainingQuantization(RecipeCallback):
     def _broadcast_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give every rank rank 0's quantizer state (codes included)."""
         state = trainer.strategy.broadcast(quantizer_state(pl_module) if trainer.is_global_zero else None, src=0)
+        assert state is not None  # rank 0's state, now on every rank
         load_quantizer_state(pl_module, {k: v.to(pl_module.device) for k, v in state.items()})
 
     def _log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:

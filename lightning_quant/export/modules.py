@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,8 @@ def deploy_weight_bias(layer: QuantizedLayer) -> tuple[torch.Tensor, Optional[to
     """The weight exactly as the quantized model uses it (on its grid) and the bias, BatchNorm folded in."""
     with torch.no_grad():
         w = layer.quantized_weight().detach().clone()
-        bias = layer.bias.detach().clone() if layer.bias is not None else None  # type: ignore[union-attr]
+        float_bias = cast(Optional[torch.Tensor], layer.bias)  # a Linear/Conv parameter (Embedding is not deployed)
+        bias = float_bias.detach().clone() if float_bias is not None else None
         if isinstance(layer, _QuantConvNd) and layer.folded_bn is not None:
             bias = layer.folded_bias().detach().clone()
     return w, bias
@@ -117,11 +118,19 @@ class DeployLayer(_ExportedLayer):
     QuantizeLinear/DequantizeLinear with an int8 initializer and which inductor lowers to int8 kernels.
     """
 
+    # buffers, each registered where the weight's form needs it
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    weight_scale_neg: Optional[torch.Tensor]
+    weight_blocked_t: torch.Tensor
+
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__(layer, name)
         weight, bias = deploy_weight_bias(layer)
         self.input_grid = activation_grid(layer.input_quantizer, f"{name}.input_quantizer")
-        self.output_grid = activation_grid(layer._modules.get("output_quantizer"), f"{name}.output_quantizer")
+        output_quantizer = cast(Optional[Quantizer], layer._modules.get("output_quantizer"))
+        self.output_grid = activation_grid(output_quantizer, f"{name}.output_quantizer")
         self.weight_grid: Optional[IntegerGrid] = None
         self.blocks: Optional[BlockGrid] = None
         self.register_buffer("weight_scale_neg", None)
@@ -141,7 +150,7 @@ class DeployLayer(_ExportedLayer):
             self.register_buffer("weight_blocked_t", weight.t().contiguous())  # becomes int4/int8 blocks in ONNX
             self.weight = None
         elif wq is not None and wq.fake_quant_enabled:
-            grid = integer_grid(layer.weight_quantizer, f"{name}.weight_quantizer")
+            grid = integer_grid(wq, f"{name}.weight_quantizer")
             check_8bit(grid, f"{name}.weight_quantizer")
             if grid.dtype != torch.int8 or grid.axis not in (None, 0):
                 raise ExportError(f"'{name}': weights need a signed grid per tensor or per output channel (axis 0)")
@@ -191,7 +200,7 @@ class GridWeightLayer(_ExportedLayer):
         self.dtype = torch.int8 if grid.qmax <= 127 else torch.int16
         codes = (layer.weight.detach().float() / grid.scale).round().to(self.dtype)  # type: ignore[operator]
         self.register_buffer("weight_int8" if self.dtype == torch.int8 else "weight_int16", codes)
-        bias = layer.bias
+        bias = cast(Optional[torch.Tensor], layer.bias)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -253,8 +253,9 @@ def export_onnx(
         program = torch.onnx.export(
             deployed, args, dynamo=True, opset_version=opset, verbose=False, dynamic_shapes=dynamic_dims(args)
         )
+    assert program is not None  # dynamo=True always returns an ONNXProgram (None is the legacy exporter's)
     proto = program.model_proto
-    _blocked_initializers(proto, blocks)  # type: ignore[arg-type]
+    _blocked_initializers(proto, blocks)
     _int4_weight_initializers(proto, int4)  # type: ignore[arg-type]
     _propagate_qdq(proto)
     _drop_requantization(proto)

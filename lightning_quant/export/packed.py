@@ -75,6 +75,13 @@ class PackedBinaryLayer(nn.Module):
     quantizer and ReActNet's RPReLU as the trained layer does.
     """
 
+    # buffers (ternary: scale_pos and scale_neg; binary: scale)
+    packed_weight: torch.Tensor
+    scale_pos: torch.Tensor
+    scale_neg: torch.Tensor
+    scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__()
         check_attachments(layer, name, carried=("rprelu",))

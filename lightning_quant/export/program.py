@@ -8,6 +8,7 @@ inductor and freezing, whose x86 passes replace the patterns by oneDNN int8 conv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -89,7 +90,7 @@ def _propagate_qdq_fx(graph_module: torch.fx.GraphModule) -> int:
         with value.fake_mode:
             copy_q.meta["val"] = ops.quantize_per_tensor.default(value, *q.args[1:])
             copy_dq.meta["val"] = ops.dequantize_per_tensor.default(copy_q.meta["val"], *q.args[1:])
-        anchor.replace_all_uses_with(copy_dq, delete_user_cb=lambda user, own=copy_q: user is not own)
+        anchor.replace_all_uses_with(copy_dq, delete_user_cb=_other_than(copy_q))
         added += 1
     if added:
         graph_module.recompile()
@@ -122,6 +123,11 @@ def _drop_requantization_fx(graph_module: torch.fx.GraphModule) -> int:
     return skipped
 
 
+def _other_than(own: torch.fx.Node) -> Callable[[torch.fx.Node], bool]:
+    """A ``delete_user_cb`` that rewires every user but ``own`` (the new node that reads the old one)."""
+    return lambda user: user is not own
+
+
 def compile_int8(program: Any, dynamic: Optional[bool] = False) -> Any:
     """Compile an exported int8 program with inductor and freezing, so that its x86 passes pick oneDNN int8 kernels.
 
@@ -134,7 +140,8 @@ def compile_int8(program: Any, dynamic: Optional[bool] = False) -> Any:
     for key, hook in list(module._forward_pre_hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             del module._forward_pre_hooks[key]
-    return _FrozenCompiled(torch.compile(module, dynamic=dynamic))
+    # torch.compile(module) returns an OptimizedModule, a Module; torch's stub types it as a plain Callable
+    return _FrozenCompiled(torch.compile(module, dynamic=dynamic))  # type: ignore[arg-type]
 
 
 class _FrozenCompiled(nn.Module):

@@ -6,7 +6,7 @@ without importing the module that looks them up.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, cast
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ class QuantizedLayer(nn.Module):
     weight_axis: ClassVar[int] = 0  # output-channel axis of the weight
     has_input: ClassVar[bool] = True
     selected_as: ClassVar[str] = ""  # the ``layers.types`` name that selects it (default: the float class name)
+    weight: torch.Tensor  # the float layer's parameter
     weight_quantizer: Optional[Quantizer]
     input_quantizer: Optional[Quantizer]
 
@@ -45,7 +46,7 @@ class QuantizedLayer(nn.Module):
 
     def weight_to_quantize(self) -> torch.Tensor:
         """The tensor the weight quantizer receives (the weight, or the weight with a BatchNorm folded in)."""
-        return cast(torch.Tensor, self.weight)  # the float layer's parameter
+        return self.weight
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the quantized model sees it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_quant.nn.quantized_layer import QuantizedLayer
@@ -19,6 +20,7 @@ class QuantTransformersConv1D(QuantizedLayer, Conv1D):
 
     float_class = Conv1D
     selected_as = "Linear"
+    weight: nn.Parameter  # Conv1D's, stored (in, out)
 
     @property
     def in_features(self) -> int:

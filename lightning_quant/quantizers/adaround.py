@@ -26,6 +26,8 @@ class AdaRound(nn.Module):
         layer.weight_quantizer.set_codes(ada.hard_codes())
     """
 
+    floor: torch.Tensor  # buffer: the weight's codes rounded down
+
     def __init__(self, quantizer: ObserverQuantizer, weight: torch.Tensor) -> None:
         super().__init__()
         self.quantizer = [quantizer]  # a list: not registered as a submodule (it belongs to the layer)

@@ -85,6 +85,8 @@ class Quantizer(OptionalStateModule):
     roles: ClassVar[tuple[Role, ...]] = ("weight", "activation")
     per_input_channel: ClassVar[bool] = False  # activation state per input channel of the layer (not per tensor)
     granularities: ClassVar[tuple[Granularity, ...]] = ("per_tensor", "per_channel", "per_group")
+    initialized: torch.Tensor  # buffers, saved in checkpoints
+    signed: torch.Tensor
 
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ sets from the training step.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +191,7 @@ class RPReLU(OptionalStateModule):
 
 def apply_rprelu(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook that puts a layer's output through its ``rprelu`` (ReActNet); exporters carry it by name."""
-    return module.rprelu(output)
+    return cast(RPReLU, module.rprelu)(output)
 
 
 @register_quantizer("sketch")

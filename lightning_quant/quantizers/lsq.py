@@ -49,6 +49,8 @@ class LSQQuantizer(Quantizer):
     grid. Because ``z`` counts steps, not values, the negative share of the range stays as ``s`` is learned.
     """
 
+    zero_point: torch.Tensor  # a buffer, registered only on a shifted grid (see _set_zero_point)
+
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
         super().__init__(cfg, role, num_groups)
         self.scale = nn.Parameter(torch.ones(num_groups))

@@ -12,7 +12,7 @@ import functools
 import math
 import re
 import typing
-from typing import Any, Union
+from typing import Any, TypeGuard, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -87,8 +87,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _is_dataclass_type(tp: Any) -> TypeGuard[type]:
+    """True for a dataclass (a class: type hints never hold dataclass instances)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 def _describe(tp: Any) -> str:
-    if dataclasses.is_dataclass(tp):
+    if _is_dataclass_type(tp):
         return f"a mapping of {tp.__name__} keys"
     origin = typing.get_origin(tp)
     if origin is Union:
@@ -96,7 +101,7 @@ def _describe(tp: Any) -> str:
         return f"{_describe(inner[0])} or null"
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if dataclasses.is_dataclass(inner):
+        if _is_dataclass_type(inner):
             return f"a list of mappings of {inner.__name__} keys"
         return f"a list of {_describe(inner).removeprefix('a ').removeprefix('an ')}s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -118,7 +123,7 @@ def to_typed(tp: Any, value: Any, path: str, where: Where, default: Any = None) 
     if origin is Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else to_typed(inner[0], value, path, where, default)
-    if dataclasses.is_dataclass(tp):
+    if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             keys = ", ".join(f.name for f in dataclasses.fields(tp) if f.name not in ("source", "options"))
             raise refuse(where, path, value, f"{_describe(tp)} is expected ({keys})")

@@ -37,6 +37,10 @@ class Observer(OptionalStateModule):
 
     plain_range: ClassVar[bool] = True
     fused_combine: ClassVar[bool] = False  # the fused per-tensor kernel computes combine() (min-max and EMA)
+    # buffers (declared so that type checkers see tensors, not ``Module.__getattr__``'s ``Tensor | Module``)
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, num_groups: int = 1) -> None:
         super().__init__()

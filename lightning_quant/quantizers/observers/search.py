@@ -117,6 +117,8 @@ class HistogramObserver(Observer):
     """
 
     plain_range = False
+    histogram: torch.Tensor  # buffers
+    hist_max: torch.Tensor
 
     def __init__(self, num_groups: int = 1, bits: int = 8, signed: bool = True, bins: int = 2048) -> None:
         super().__init__(num_groups)
