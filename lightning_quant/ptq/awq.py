@@ -145,7 +145,7 @@ class _Inputs:
     def __init__(self, layer: QuantizedLayer) -> None:
         self.layer = layer
         features = int(layer.in_features)  # type: ignore[arg-type]
-        device = layer.weight.device  # type: ignore[union-attr]
+        device = layer.weight.device
         self.abs_sum = torch.zeros(features, device=device)
         self.gram = torch.zeros(features, features, device=device)
         self.count = 0

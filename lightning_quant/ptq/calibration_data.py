@@ -6,7 +6,7 @@ model (:func:`find_causal_lm`); encoders are calibrated on real text instead.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ def generate_calibration_data(
 
     vocab = int(lm.get_input_embeddings().num_embeddings)  # type: ignore[operator]
     device = next(lm.parameters()).device
-    config = lm.config  # type: ignore[attr-defined]
+    config: Any = lm.config  # a transformers PretrainedConfig (untyped here)
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     batches = []
     devices = [device.index or 0] if device.type == "cuda" else []

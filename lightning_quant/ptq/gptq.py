@@ -41,7 +41,7 @@ class HessianAccumulator:
 
     def __init__(self, layer: QuantizedLayer) -> None:
         features = linear_in_features(layer)
-        self.hessian = torch.zeros(features, features, device=layer.weight.device)  # type: ignore[union-attr]
+        self.hessian = torch.zeros(features, features, device=layer.weight.device)
         self.rows = 0
         self.layer = layer
         self.handle = layer.register_forward_pre_hook(self._hook)
@@ -195,7 +195,7 @@ def gptq_unit(
         opts: GPTQOptions = cfg.options
         weight = layer.weight_to_quantize()
         codes, err = gptq_quantize(weight, hessian, q, opts.gptq_block_size, opts.damp, opts.act_order)
-        q.set_codes(codes)  # type: ignore[union-attr]
+        q.set_codes(codes)
         errors[names.get(id(layer), "?")] = err
     return errors
 

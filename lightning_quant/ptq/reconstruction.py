@@ -100,7 +100,7 @@ def calibrate(model: nn.Module, batches: Sequence[Any], run_batch: RunBatch) -> 
     quantizers = set_modes(model, fake_quant=False, observe=False, calibrate=False)  # the state it leaves
     for q in quantizers:
         observer = getattr(q, "observer", None)
-        if q.role == "activation" and hasattr(observer, "deferred"):
+        if q.role == "activation" and observer is not None and hasattr(observer, "deferred"):
             observer.deferred = True  # search once over all batches (MSE) instead of once per batch
     with quant_state(quantizers, observe=True, calibrate=True):
         for batch in batches:

@@ -18,7 +18,7 @@ from lightning_quant.quantizers.functional import (
     tensor_aminmax,
 )
 from lightning_quant.quantizers.grid import ExportGrid, grid_for
-from lightning_quant.quantizers.observers import EMAObserver, build_observer, observer_names
+from lightning_quant.quantizers.observers import EMAObserver, Observer, build_observer, observer_names
 from lightning_quant.registry import OptionError
 
 
@@ -57,6 +57,11 @@ class ObserverQuantizer(Quantizer):
         q = ObserverQuantizer(QuantizerConfig(bits=8, observer="ema"), role="activation")
         y = q(x)
     """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    codes: torch.Tensor
+    observer: Observer
 
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
         super().__init__(cfg, role, num_groups)
