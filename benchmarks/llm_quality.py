@@ -47,7 +47,10 @@ CONFIGS = {
     },
     "w8a8": {
         "W8A8 dynamic": ("w8a8_dynamic", []),
-        "W8A8 static": ("smoothquant_w8a8", ["ptq.algorithm=none"]),  # SmoothQuant's grids without smoothing
+        "W8A8 static": (  # SmoothQuant's grids without smoothing
+            "smoothquant_w8a8",
+            ["ptq.algorithm=none", "weights.method=observer", "activations.method=observer"],
+        ),
         "SmoothQuant W8A8": ("smoothquant_w8a8", []),
     },
 }
