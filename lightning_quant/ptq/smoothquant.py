@@ -80,6 +80,8 @@ class SmoothQuantizer(ObserverQuantizer):
         q.smoothing_factors = s  # then re-calibrate the range on x/s
     """
 
+    smoothing_factors: torch.Tensor
+
     def __init__(self, cfg: QuantizerConfig, role: Role, num_groups: int = 1) -> None:
         super().__init__(cfg, role, num_groups)
         self.register_buffer("smoothing_factors", torch.ones(0))
