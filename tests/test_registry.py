@@ -205,3 +205,12 @@ def test_a_quantizer_and_an_algorithm_registered_in_a_test_module_run_from_a_rec
     cb = PostTrainingQuantization(recipe)
     quiet_trainer([cb]).validate(model, datamodule=DigitsDataModule(batch_size=64))
     assert RUNS == [0.5] and cb.curves == {"all": [1.0]}  # 64 samples: one calibration batch of 64
+
+
+def test_the_iters_shortcut_sets_the_reconstruction_iterations_and_skips_algorithms_without_them():
+    """``iters=`` is a run-length knob: calibration-only, GPTQ and Bit-Split recipes have no iterations to set."""
+    assert PostTrainingQuantization("adaround_w4a8", iters=7).recipe.ptq.options.iters == 7
+    for name in ("minmax_w8a8", "gptq_w4g128", "bitsplit_w4a8"):
+        assert "iters" not in vars(PostTrainingQuantization(name, iters=7).recipe.ptq.options)
+    with pytest.raises(RecipeError, match=r"ptq\.iters=7 does not apply to ptq\.algorithm='none'"):
+        load_recipe("minmax_w8a8", ["ptq.iters=7"])  # given as a recipe key, it is refused

@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_quant.recipes import Recipe, RecipeError
+from lightning_quant.ptq import ALGORITHMS
+from lightning_quant.recipes import Recipe, RecipeError, load_recipe
 from lightning_quant.recipes.safe_yaml import parse_yaml
 
 # the recipe sections a checkpoint's quantizer state depends on (those in Recipe.fingerprint)
@@ -138,3 +139,12 @@ def recipe_mismatch_message(saved_yaml: str, recipe: Recipe) -> str:
         f"{recipe.name!r} ({recipe.source}); the settings that differ (checkpoint -> callback):\n  "
         + "\n  ".join(lines)
     )
+
+
+def algorithm_takes(recipe: Any, overrides: list[str], key: str) -> bool:
+    """True where the recipe's post-training algorithm has the option ``key`` (``iters``: the reconstructions), or
+    where the recipe does not load (the callback then reports why)."""
+    try:
+        return key in ALGORITHMS[load_recipe(recipe, overrides).ptq.algorithm].option_names()
+    except ValueError:  # RecipeError and an unknown algorithm
+        return True

@@ -24,6 +24,7 @@ from lightning_quant.callbacks.base import (
     quantizer_state,
 )
 from lightning_quant.callbacks.diagnostics import log_metrics, sqnr_db, weight_metrics
+from lightning_quant.callbacks.guards import algorithm_takes
 from lightning_quant.nn import QuantizationReport
 from lightning_quant.ptq import (
     ALGORITHMS,
@@ -67,7 +68,7 @@ class PostTrainingQuantization(RecipeCallback):
             QAT recipe whose quantizers are all ``observer``: calibration only).
         overrides: ``"key.path=value"`` strings (or one such string) applied on top of the recipe.
         weight_bits / activation_bits: shortcuts for ``weights.bits`` / ``activations.bits``.
-        num_samples / iters / seed: shortcuts for ``ptq.num_samples`` / ``ptq.iters`` / ``ptq.seed``.
+        num_samples / iters / seed: shortcuts for ``ptq.num_samples`` / ``ptq.iters`` (if it iterates) / ``ptq.seed``.
         calibration_dataloader: ``"train"`` or ``"val"`` (the datamodule's), ``"generated"`` (token sequences
             written by the model's own causal LM, fed as ``input_ids``/``attention_mask`` keyword arguments),
             ``"auto"`` (generated when the model holds a causal LM, else train), or any iterable of batches.
@@ -96,7 +97,7 @@ class PostTrainingQuantization(RecipeCallback):
     ) -> None:
         extra = override_list(overrides)  # one string is one override
         for key, value in (("num_samples", num_samples), ("iters", iters), ("seed", seed)):
-            if value is not None:
+            if value is not None and (key != "iters" or algorithm_takes(recipe, extra, key)):
                 extra.append(f"ptq.{key}={value}")
         if isinstance(calibration_dataloader, str):
             extra.append(f"ptq.dataloader={calibration_dataloader}")
