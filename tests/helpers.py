@@ -1,8 +1,12 @@
 """Shared test helpers: a quiet CPU Trainer and the float digits model that PTQ and export tests start from."""
 
+import copy
+
 import lightning.pytorch as pl
 
+from lightning_quant import load_recipe, quantize_model
 from lightning_quant.examples import DigitsCNN, DigitsDataModule, ImageClassifier
+from lightning_quant.ptq import calibrate, finalize, set_quant_state
 
 
 def quiet_trainer(callbacks=(), **kw):
@@ -25,3 +29,15 @@ def train_float_digits_model():
     model = ImageClassifier(DigitsCNN(width=16), optimizer="adam", lr=3e-3, epochs=4)
     quiet_trainer(max_epochs=4).fit(model, datamodule=DigitsDataModule())
     return model
+
+
+def calibrated_copy(float_model, recipe_name, batches, overrides=()):
+    """A copy of ``float_model`` quantized by ``recipe_name`` and calibrated on ``batches`` (keyword inputs), with
+    the library calls the PTQ callback makes; returns the model and the recipe."""
+    model = copy.deepcopy(float_model).eval()
+    recipe = load_recipe(recipe_name, overrides=list(overrides))
+    quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
+    calibrate(model, batches, lambda b: model(**b))
+    finalize(model)
+    set_quant_state(model, weights=True, activations=True)
+    return model, recipe

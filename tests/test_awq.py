@@ -8,13 +8,12 @@ import copy
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import calibrated_copy, quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_quant import PostTrainingQuantization, load_recipe
 from lightning_quant.export import deploy_model
-from lightning_quant.nn import quantize_model
-from lightning_quant.ptq import PTQConfig, calibrate, finalize, set_quant_state
+from lightning_quant.ptq import PTQConfig
 from lightning_quant.ptq.awq import AWQExportError, AWQQuantizer, awq
 from lightning_quant.quantizers import ObserverQuantizer, QuantizerConfig
 from lightning_quant.quantizers.functional import fake_quantize
@@ -58,13 +57,7 @@ def awq_run(minilm):
 
 def _quantized(float_model, recipe_name, calib, overrides=FIRST_BLOCKS):
     """A copy of ``float_model`` quantized by ``recipe_name`` with the library calls the callback makes."""
-    model = copy.deepcopy(float_model).eval()
-    recipe = load_recipe(recipe_name, overrides=overrides)
-    quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
-    calibrate(model, calib, lambda b: model(**b))
-    finalize(model)
-    set_quant_state(model, weights=True, activations=True)
-    return model, recipe
+    return calibrated_copy(float_model, recipe_name, calib, overrides)
 
 
 def _held_out_inputs(float_model, evaluation):

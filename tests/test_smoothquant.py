@@ -7,14 +7,13 @@ import copy
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import calibrated_copy, quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from lightning_quant import ExportError, PostTrainingQuantization, export, load_recipe
 from lightning_quant.callbacks.diagnostics import sqnr_db
-from lightning_quant.nn import quantize_model
-from lightning_quant.ptq import PTQConfig, calibrate, finalize, quant_state, set_quant_state
+from lightning_quant.ptq import PTQConfig, quant_state
 from lightning_quant.ptq.smoothquant import SmoothQuantExportError, SmoothQuantizer, smoothquant
 from lightning_quant.quantizers import ObserverQuantizer, QuantizerConfig
 from lightning_quant.quantizers.grid import NoIntegerGrid
@@ -74,13 +73,7 @@ def quantized(minilm):
 
 def _quantized(float_model, calib, overrides=()):
     """A copy of ``float_model`` quantized and calibrated by the recipe with the library calls the callback makes."""
-    model = copy.deepcopy(float_model).eval()
-    recipe = load_recipe("smoothquant_w8a8", overrides=[*FIRST_BLOCKS, *overrides])
-    quantize_model(model, recipe.weights, recipe.activations, recipe.layers)
-    calibrate(model, calib, lambda b: model(**b))
-    finalize(model)
-    set_quant_state(model, weights=True, activations=True)
-    return model, recipe
+    return calibrated_copy(float_model, "smoothquant_w8a8", calib, [*FIRST_BLOCKS, *overrides])
 
 
 def _smoothed(model):
